@@ -1,0 +1,1 @@
+"""Pretraining: DINO, DINO-vMF, iBOT, iBOT-vMF (see the pretraining issues)."""

@@ -1,0 +1,202 @@
+"""Dataset specs: a string names a dataset; resolving it gives labelled image splits with a content manifest.
+
+Specs:
+  builtin:digits      scikit-learn's 8x8 handwritten digits (ships with scikit-learn), stratified 75/25 split
+  imagefolder:PATH    ImageNet layout, PATH/train/<class>/*.JPEG and PATH/val/<class>/*.JPEG
+  PATH                same as imagefolder:PATH
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .errors import UserError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+class ImageSplit(torch.utils.data.Dataset):
+    """One labelled split. Subclasses say how to load image ``i`` and what identifies the split's content."""
+
+    classes: list[str]
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def load_image(self, index: int) -> Image.Image:
+        raise NotImplementedError
+
+    def manifest_lines(self) -> list[str]:
+        """One line per sample; the hash of these lines (plus the class list) keys the feature cache."""
+        raise NotImplementedError
+
+    def manifest_sha256(self) -> str:
+        if not hasattr(self, "_manifest_sha256"):
+            digest = hashlib.sha256()
+            digest.update(("\n".join(self.classes) + "\n\n").encode())
+            for line in self.manifest_lines():
+                digest.update(line.encode() + b"\n")
+            self._manifest_sha256 = digest.hexdigest()
+        return self._manifest_sha256
+
+    def with_transform(self, transform: Callable) -> "TransformedSplit":
+        return TransformedSplit(self, transform)
+
+
+class TransformedSplit(torch.utils.data.Dataset):
+    """(image tensor, label, index) triples for a DataLoader."""
+
+    def __init__(self, split: ImageSplit, transform: Callable) -> None:
+        self.split, self.transform = split, transform
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
+        return self.transform(self.split.load_image(index)), int(self.split.labels[index]), index
+
+
+class ArraySplit(ImageSplit):
+    """Images held in memory as uint8 arrays (N, H, W) grey or (N, H, W, 3) RGB."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, classes: list[str], tag: str) -> None:
+        self.images, self.labels, self.classes, self.tag = images, np.asarray(labels, dtype=np.int64), classes, tag
+
+    def load_image(self, index: int) -> Image.Image:
+        return Image.fromarray(self.images[index]).convert("RGB")
+
+    def manifest_lines(self) -> list[str]:
+        content = hashlib.sha256(np.ascontiguousarray(self.images).tobytes()).hexdigest()
+        return [f"{self.tag}\t{self.images.shape}\t{content}", ",".join(map(str, self.labels.tolist()))]
+
+
+class FileSplit(ImageSplit):
+    """Images on disk as (path, label) pairs; the manifest records relative path, size and label per file."""
+
+    def __init__(self, root: Path, samples: list[tuple[str, int]], classes: list[str]) -> None:
+        self.root, self.classes = root, classes
+        self.paths = [path for path, _ in samples]
+        self.labels = np.asarray([label for _, label in samples], dtype=np.int64)
+
+    def load_image(self, index: int) -> Image.Image:
+        with open(self.paths[index], "rb") as handle:
+            return Image.open(handle).convert("RGB")
+
+    def manifest_lines(self) -> list[str]:
+        return [
+            f"{os.path.relpath(path, self.root)}\t{os.path.getsize(path)}\t{label}"
+            for path, label in zip(self.paths, self.labels.tolist())
+        ]
+
+
+@dataclass
+class Dataset:
+    """A named dataset: its splits by name (``train`` and ``val`` for classification)."""
+
+    name: str
+    spec: str
+    splits: dict[str, ImageSplit] = field(default_factory=dict)
+
+    def split(self, name: str) -> ImageSplit:
+        if name not in self.splits:
+            raise UserError(f"dataset {self.spec!r} has no split {name!r}; it has {', '.join(self.splits)}")
+        return self.splits[name]
+
+    @property
+    def num_classes(self) -> int:
+        return len(next(iter(self.splits.values())).classes)
+
+
+def _digits(seed: int = 0) -> Dataset:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    bunch = load_digits()
+    images = np.round(bunch.images * (255.0 / 16.0)).astype(np.uint8)
+    labels = bunch.target.astype(np.int64)
+    train_idx, val_idx = train_test_split(
+        np.arange(len(labels)), test_size=0.25, stratify=labels, random_state=seed
+    )
+    classes = [str(c) for c in range(10)]
+    return Dataset(
+        name="digits",
+        spec="builtin:digits",
+        splits={
+            "train": ArraySplit(images[train_idx], labels[train_idx], classes, "digits/train"),
+            "val": ArraySplit(images[val_idx], labels[val_idx], classes, "digits/val"),
+        },
+    )
+
+
+BUILTIN_DATASETS: dict[str, Callable[[], Dataset]] = {"digits": _digits}
+
+IMAGEFOLDER_LAYOUT = "ROOT/train/<class>/<image> and ROOT/val/<class>/<image> (ImageNet layout, same class folders in both)"
+
+
+def _scan_class_folder(split_root: Path) -> tuple[list[str], list[tuple[str, int]]]:
+    classes = sorted(entry.name for entry in os.scandir(split_root) if entry.is_dir())
+    samples: list[tuple[str, int]] = []
+    for label, name in enumerate(classes):
+        for dirpath, _, filenames in sorted(os.walk(split_root / name, followlinks=True)):
+            for filename in sorted(filenames):
+                if filename.lower().endswith(IMAGE_EXTENSIONS):
+                    samples.append((os.path.join(dirpath, filename), label))
+    return classes, samples
+
+
+def image_folder(root: str | os.PathLike, name: str | None = None, splits: tuple[str, ...] = ("train", "val")) -> Dataset:
+    """ImageNet-style folders; every split must hold the same class folders, or labels would shift silently."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"dataset path {root} is not a folder; expected {IMAGEFOLDER_LAYOUT}")
+    dataset = Dataset(name=name or root.resolve().name, spec=f"imagefolder:{root}")
+    reference: list[str] | None = None
+    for split in splits:
+        split_root = root / split
+        if not split_root.is_dir():
+            raise UserError(f"{split_root} is missing; expected {IMAGEFOLDER_LAYOUT}")
+        classes, samples = _scan_class_folder(split_root)
+        if not classes:
+            raise UserError(f"{split_root} has no class folders; expected {IMAGEFOLDER_LAYOUT}")
+        if not samples:
+            raise UserError(f"{split_root} has class folders but no images ({', '.join(IMAGE_EXTENSIONS)})")
+        if reference is not None and classes != reference:
+            only_here = sorted(set(classes) - set(reference))[:5]
+            only_there = sorted(set(reference) - set(classes))[:5]
+            raise UserError(
+                f"{split_root}: class folders differ from {root / splits[0]} "
+                f"(only in {split}: {only_here}, only in {splits[0]}: {only_there}); expected {IMAGEFOLDER_LAYOUT}"
+            )
+        reference = classes
+        dataset.splits[split] = FileSplit(root, samples, classes)
+    return dataset
+
+
+def dataset_kinds() -> list[str]:
+    return [f"builtin:{name}" for name in BUILTIN_DATASETS] + ["imagefolder:PATH", "PATH (an ImageFolder root)"]
+
+
+def resolve_dataset(spec: str, name: str | None = None) -> Dataset:
+    """Turn a dataset spec string into a Dataset, or fail naming the specs that exist."""
+    kind, sep, rest = spec.partition(":")
+    if sep and kind == "builtin":
+        if rest not in BUILTIN_DATASETS:
+            raise UserError(f"unknown dataset {spec!r}; valid: {', '.join(dataset_kinds())}")
+        dataset = BUILTIN_DATASETS[rest]()
+        if name:
+            dataset.name = name
+        return dataset
+    if sep and kind == "imagefolder":
+        return image_folder(rest, name)
+    if Path(spec).is_dir():
+        return image_folder(spec, name)
+    raise UserError(f"unknown dataset {spec!r}: not a folder and not a known spec; valid: {', '.join(dataset_kinds())}")

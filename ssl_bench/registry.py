@@ -1,0 +1,95 @@
+"""Task registry: each module in ``ssl_bench.tasks`` registers its protocol by name; the core names none of them."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import pkgutil
+import typing
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from .errors import UserError
+
+
+@dataclass(frozen=True)
+class Task:
+    """An evaluation protocol: ``run(ctx, params)`` returns result rows and writes nothing itself."""
+
+    name: str
+    version: str  # protocol version, recorded in every row
+    description: str
+    params: type  # a dataclass whose fields (with defaults) are the task's options
+    run: Callable[..., list]
+    needs: tuple[str, ...] = ("labels",)
+
+
+_TASKS: dict[str, Task] = {}
+_discovered = False
+
+
+def register_task(name: str, version: str, description: str, params: type, needs: tuple[str, ...] = ("labels",)):
+    """Decorator for ``run(ctx: TaskContext, params) -> list[ResultRow]``."""
+    if not dataclasses.is_dataclass(params):
+        raise TypeError(f"task {name}: params must be a dataclass")
+
+    def wrap(run: Callable[..., list]) -> Callable[..., list]:
+        _TASKS[name] = Task(name, version, description, params, run, needs)
+        return run
+
+    return wrap
+
+
+def _discover() -> None:
+    global _discovered
+    if _discovered:
+        return
+    import ssl_bench.tasks as package
+
+    for module in pkgutil.iter_modules(package.__path__):
+        if not module.name.startswith("_"):
+            importlib.import_module(f"{package.__name__}.{module.name}")
+    _discovered = True
+
+
+def all_tasks() -> dict[str, Task]:
+    _discover()
+    return dict(sorted(_TASKS.items()))
+
+
+def get_task(name: str) -> Task:
+    tasks = all_tasks()
+    if name not in tasks:
+        raise UserError(f"unknown task {name!r}; valid: {', '.join(tasks)}")
+    return tasks[name]
+
+
+def _convert(text: str, kind: Any, what: str) -> Any:
+    origin = typing.get_origin(kind)
+    if origin in (tuple, list):
+        (inner, *_) = typing.get_args(kind) or (str,)
+        values = [_convert(part.strip(), inner, what) for part in text.split(",") if part.strip()]
+        return tuple(values) if origin is tuple else values
+    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
+        options = [a for a in typing.get_args(kind) if a is not type(None)]
+        if text.lower() in ("none", ""):
+            return None
+        return _convert(text, options[0], what)
+    try:
+        if kind is bool:
+            if text.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                raise ValueError(text)
+            return text.lower() in ("1", "true", "yes")
+        return kind(text)
+    except ValueError:
+        raise UserError(f"{what}={text!r}: expected {getattr(kind, '__name__', kind)}") from None
+
+
+def parse_params(task: Task, values: dict[str, str]) -> Any:
+    """Build the task's params dataclass from ``key=value`` strings, converting by field type."""
+    hints = typing.get_type_hints(task.params)
+    names = [f.name for f in dataclasses.fields(task.params)]
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise UserError(f"task {task.name} has no option {', '.join(unknown)}; its options: {', '.join(names)}")
+    return task.params(**{k: _convert(v, hints[k], f"{task.name}.{k}") for k, v in values.items()})

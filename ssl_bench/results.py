@@ -1,0 +1,164 @@
+"""Long-format result rows, locked CSV appends, and the wide leaderboard pivot."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from .errors import UserError
+from .io import atomic_write_text, file_lock
+
+
+@dataclass
+class ResultRow:
+    """One number with everything needed to reproduce and compare it."""
+
+    model: str
+    arch: str
+    task: str
+    dataset: str
+    split: str
+    metric: str
+    value: float
+    std: float | None = None
+    n: int | None = None
+    protocol: str = ""
+    params: dict[str, Any] = field(default_factory=dict)
+    method: str = ""
+    ckpt_sha256: str = ""
+    timestamp: str = ""
+    ssl_bench_version: str = ""
+    git_commit: str = ""
+    torch_version: str = ""
+    torchvision_version: str = ""
+    timm_version: str = ""
+    numpy_version: str = ""
+    device: str = ""
+    wall_s: float | None = None
+
+    def to_csv_dict(self) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for key, value in asdict(self).items():
+            if key == "params":
+                out[key] = json.dumps(value, sort_keys=True, default=str)
+            elif value is None:
+                out[key] = ""
+            else:
+                out[key] = str(value)
+        return out
+
+    @classmethod
+    def from_csv_dict(cls, record: dict[str, str]) -> "ResultRow":
+        kwargs: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = record.get(f.name, "")
+            if f.name == "params":
+                kwargs[f.name] = json.loads(raw) if raw else {}
+            elif f.name in ("value", "std", "wall_s"):
+                kwargs[f.name] = float(raw) if raw not in ("", None) else (None if f.name != "value" else float("nan"))
+            elif f.name == "n":
+                kwargs[f.name] = int(float(raw)) if raw not in ("", None) else None
+            else:
+                kwargs[f.name] = raw or ""
+        return cls(**kwargs)
+
+
+COLUMNS: list[str] = [f.name for f in fields(ResultRow)]
+LEADERBOARD_FILE = "leaderboard.csv"
+
+
+def now_iso() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def append_rows(path: str | os.PathLike, rows: Sequence[ResultRow]) -> None:
+    """Append rows under an exclusive lock; the header is written once, when the file is new or empty."""
+    if not rows:
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(path):
+        new_file = not path.exists() or path.stat().st_size == 0
+        if not new_file:
+            with open(path, newline="", encoding="utf-8") as handle:
+                header = next(csv.reader(handle), [])
+            if header != COLUMNS:
+                raise UserError(f"{path}: existing CSV has columns {header}, expected the result-row columns {COLUMNS}")
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=COLUMNS)
+        if new_file:
+            writer.writeheader()
+        for row in rows:
+            writer.writerow(row.to_csv_dict())
+        with open(path, "a", newline="", encoding="utf-8") as handle:
+            handle.write(buffer.getvalue())
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
+def read_rows(path: str | os.PathLike) -> list[ResultRow]:
+    with open(path, newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        missing = {"model", "task", "dataset", "metric", "value"} - set(reader.fieldnames or [])
+        if missing:
+            raise UserError(f"{path}: not a result-row CSV (missing columns {sorted(missing)})")
+        return [ResultRow.from_csv_dict(record) for record in reader]
+
+
+def result_files(results_dir: str | os.PathLike) -> list[Path]:
+    """Every row CSV in the results folder (the leaderboard's own output excluded)."""
+    root = Path(results_dir)
+    if not root.is_dir():
+        raise UserError(f"results folder {root} does not exist (expected a folder of result-row CSVs)")
+    return sorted(p for p in root.glob("*.csv") if p.name != LEADERBOARD_FILE)
+
+
+def column_name(row: ResultRow) -> str:
+    return f"{row.task}/{row.dataset}/{row.metric}"
+
+
+def pivot(rows: Iterable[ResultRow]) -> tuple[list[str], list[dict[str, str]]]:
+    """Model x (task/dataset/metric) table; where a cell has several rows the latest timestamp wins."""
+    cells: dict[str, dict[str, tuple[str, float]]] = {}
+    info: dict[str, dict[str, str]] = {}
+    for row in rows:
+        model_cells = cells.setdefault(row.model, {})
+        info.setdefault(row.model, {"arch": row.arch, "method": row.method})
+        key = column_name(row)
+        if key not in model_cells or row.timestamp >= model_cells[key][0]:
+            model_cells[key] = (row.timestamp, row.value)
+    metric_columns = sorted({key for model_cells in cells.values() for key in model_cells})
+    header = ["model", "arch", "method", *metric_columns]
+    table = []
+    for model in sorted(cells):
+        record = {"model": model, **info[model]}
+        for key in metric_columns:
+            record[key] = f"{cells[model][key][1]:.2f}" if key in cells[model] else ""
+        table.append(record)
+    return header, table
+
+
+def write_leaderboard(results_dir: str | os.PathLike, rows: Iterable[ResultRow]) -> tuple[Path, str]:
+    """Write ``leaderboard.csv`` atomically and return it with its text."""
+    header, table = pivot(rows)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=header)
+    writer.writeheader()
+    writer.writerows(table)
+    path = Path(results_dir) / LEADERBOARD_FILE
+    atomic_write_text(path, buffer.getvalue())
+    return path, buffer.getvalue()
+
+
+def format_table(header: Sequence[str], table: Sequence[dict[str, str]]) -> str:
+    """Plain aligned text for the terminal."""
+    widths = [max(len(h), *(len(r.get(h, "")) for r in table)) if table else len(h) for h in header]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
+    lines += ["  ".join(r.get(h, "").ljust(w) for h, w in zip(header, widths)) for r in table]
+    return "\n".join(lines)

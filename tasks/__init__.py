@@ -1,0 +1,1 @@
+"""Evaluation protocols, one module each; every module registers itself with ``ssl_bench.registry``."""
