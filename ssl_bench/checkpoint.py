@@ -12,6 +12,7 @@ mapped to timm's, and pos_embed is resampled when the grid differs. Nothing is e
 
 from __future__ import annotations
 
+import argparse
 import logging
 import pickle
 import re
@@ -37,6 +38,7 @@ CHECKPOINT_KEYS = ("teacher", "student")
 STRIPPED_PREFIXES = ("module.", "backbone.", "encoder.")
 WRAPPER_KEYS = ("state_dict", "model", "module")
 OPTIONAL_KEY_SUFFIXES = ("num_batches_tracked",)
+SAFE_GLOBALS = (argparse.Namespace,)  # DINO / iBOT store their command-line args in the checkpoint
 
 
 @dataclass
@@ -67,21 +69,46 @@ def _preview(keys: list[str], limit: int = 6) -> str:
 
 
 def read_checkpoint(path: str | Path) -> Any:
-    """torch.load on the CPU; weights-only first, full unpickling only for files that need it (DINO stores args)."""
+    """torch.load on the CPU; weights-only first, full unpickling only for files that need it.
+
+    DINO / iBOT store their ``argparse.Namespace`` under ``args``; that class is allow-listed, so those files
+    load weights-only. Anything the fallback cannot read either is refused with a UserError."""
     path = Path(path)
+    if not path.exists():
+        raise UserError(f"checkpoint {path} does not exist (expected a .pth/.pt file; nothing is ever downloaded)")
     if not path.is_file():
-        raise UserError(f"checkpoint {path} is not a file")
+        raise UserError(f"checkpoint {path} is not a file (expected a .pth/.pt file)")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        log.warning("%s holds non-tensor objects; loading it with full unpickling (only load files you trust)", path)
-        return torch.load(path, map_location="cpu", weights_only=False)
+        with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:  # a non-allow-listed object, or bytes that are not a pickle at all
+        weights_only_error = exc
     except Exception as exc:  # truncated files, not-a-checkpoint files
-        raise UserError(f"cannot read checkpoint {path}: {exc}") from exc
+        raise UserError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from exc
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        first = str(weights_only_error).strip().splitlines()[-1] if str(weights_only_error).strip() else ""
+        raise UserError(
+            f"cannot read checkpoint {path}: not a torch checkpoint, or corrupt ({type(exc).__name__}: {exc}"
+            + (f"; weights-only load: {first}" if first else "") + ")"
+        ) from exc
+    log.warning("%s holds non-tensor objects; loaded it with full unpickling (only load files you trust)", path)
+    return checkpoint
 
 
 def _is_state_dict(obj: Any) -> bool:
     return isinstance(obj, Mapping) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def _weights(obj: Mapping, name: str, fmt: str) -> dict[str, torch.Tensor]:
+    value = obj[name]
+    if not _is_state_dict(value):
+        raise UserError(
+            f"{fmt} checkpoint entry {name!r} is not a dict of tensors (it holds a {type(value).__name__}"
+            + (f" with keys {_preview(list(map(str, value)))}" if isinstance(value, Mapping) else "") + ")"
+        )
+    return dict(value)
 
 
 def extract_state_dict(obj: Any, key: str = "teacher") -> tuple[str, str | None, dict[str, torch.Tensor]]:
@@ -94,21 +121,30 @@ def extract_state_dict(obj: Any, key: str = "teacher") -> tuple[str, str | None,
         fmt = "ssl-bench" if "ssl_bench" in obj else "dino"
         if key not in obj:
             raise UserError(f"{fmt} checkpoint has no {key!r} weights (it has {', '.join(map(str, obj))})")
-        return fmt, key, dict(obj[key])
+        return fmt, key, _weights(obj, key, fmt)
     if "target_encoder" in obj:
         msn_key = "target_encoder" if key == "teacher" else "encoder"
         if msn_key not in obj:
             raise UserError(f"MSN checkpoint has no {msn_key!r} weights (it has {', '.join(map(str, obj))})")
-        return "msn", msn_key, {k: v for k, v in obj[msn_key].items() if not _strip(k).startswith("fc.")}
+        weights = _weights(obj, msn_key, "MSN")
+        return "msn", msn_key, {k: v for k, v in weights.items() if not _strip(k).startswith("fc.")}
     for wrapper in WRAPPER_KEYS:
         if wrapper in obj and _is_state_dict(obj[wrapper]):
-            return "wrapped", wrapper, dict(obj[wrapper])
-    if _is_state_dict(obj):
-        return "state_dict", None, dict(obj)
-    raise UserError(
-        f"unrecognised checkpoint with top-level keys {_preview(list(map(str, obj)))}; expected one of: "
-        + "; ".join(f"{k}: {v}" for k, v in CHECKPOINT_FORMATS.items())
-    )
+            fmt, used, weights = "wrapped", wrapper, dict(obj[wrapper])
+            break
+    else:
+        if not _is_state_dict(obj):
+            raise UserError(
+                f"unrecognised checkpoint with top-level keys {_preview(list(map(str, obj)))}; expected one of: "
+                + "; ".join(f"{k}: {v}" for k, v in CHECKPOINT_FORMATS.items())
+            )
+        fmt, used, weights = "state_dict", None, dict(obj)
+    if key != "teacher":
+        raise UserError(
+            f"checkpoint key {key!r} asked for, but this {fmt} checkpoint holds a single set of weights; "
+            "teacher/student apply only to ssl-bench, dino and msn checkpoints"
+        )
+    return fmt, used, weights
 
 
 def _strip(key: str) -> str:
@@ -125,13 +161,20 @@ _CHUNKED_BLOCK = re.compile(r"^blocks\.\d+\.(\d+)\.")
 
 
 def map_keys(state: Mapping[str, torch.Tensor], model_keys: set[str]) -> dict[str, torch.Tensor]:
-    """Rename checkpoint keys onto the model's: keys the model already has are kept as they are."""
+    """Rename checkpoint keys onto the model's: keys the model already has are kept as they are.
+
+    Two checkpoint keys that land on the same model tensor (``x`` and ``module.x``) are refused, not silently merged."""
     out: dict[str, torch.Tensor] = {}
+    source: dict[str, str] = {}
     for key, value in state.items():
         new = key if key in model_keys else _strip(key)
         if new not in model_keys:
             new = _CHUNKED_BLOCK.sub(r"blocks.\1.", new)  # DINOv2 block chunking: blocks.<chunk>.<i>.
-        out[new] = value
+        if new in source and new not in model_keys:
+            new = key  # two leftovers collide: report both, as they are in the file
+        if new in source and new in model_keys:
+            raise UserError(f"checkpoint keys {source[new]!r} and {key!r} both map to {new!r}; which one to load is ambiguous")
+        out[new], source[new] = value, key
     return out
 
 
@@ -173,7 +216,7 @@ def load_backbone_weights(model: nn.Module, path: str | Path, key: str = "teache
             report.unexpected.append(name)
             continue
         if value.shape != target[name].shape:
-            if name == "pos_embed":
+            if name == "pos_embed" and value.ndim == 3 and value.shape[::2] == target[name].shape[::2]:
                 value = _resample_pos_embed(model, value, target[name])
                 report.resized.append(f"pos_embed {tuple(state[name].shape)}->{tuple(value.shape)}")
             else:

@@ -144,8 +144,10 @@ def pivot(rows: Iterable[ResultRow]) -> tuple[list[str], list[dict[str, str]]]:
     return header, table
 
 
-def write_leaderboard(results_dir: str | os.PathLike, rows: Iterable[ResultRow]) -> tuple[Path, str]:
-    """Write ``leaderboard.csv`` atomically and return it with its text."""
+def write_leaderboard(
+    results_dir: str | os.PathLike, rows: Iterable[ResultRow]
+) -> tuple[Path, list[str], list[dict[str, str]]]:
+    """Write ``leaderboard.csv`` atomically; return its path and the table."""
     header, table = pivot(rows)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=header)
@@ -153,7 +155,7 @@ def write_leaderboard(results_dir: str | os.PathLike, rows: Iterable[ResultRow])
     writer.writerows(table)
     path = Path(results_dir) / LEADERBOARD_FILE
     atomic_write_text(path, buffer.getvalue())
-    return path, buffer.getvalue()
+    return path, header, table
 
 
 def format_table(header: Sequence[str], table: Sequence[dict[str, str]]) -> str:

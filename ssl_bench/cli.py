@@ -1,0 +1,216 @@
+"""Command line: a thin layer over the library functions that the tests call directly."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from .errors import UserError
+
+log = logging.getLogger("ssl_bench")
+DEFAULT_RESULTS_DIR = "results"
+DEFAULT_RESULTS_FILE = "runs.csv"
+
+
+class _Group(click.Group):
+    """User mistakes end as one 'Error: ...' line, never a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except UserError as exc:
+            raise click.ClickException(str(exc)) from None
+
+
+@click.group(cls=_Group)
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@click.option("-q", "--quiet", is_flag=True, help="Warnings and errors only.")
+def cli(verbose: int, quiet: bool) -> None:
+    """Pretrain and benchmark self-supervised vision backbones."""
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S", force=True)
+
+
+@cli.command("list")
+def list_cmd() -> None:
+    """Tasks (with protocol versions and options), backbone families, checkpoint formats and dataset specs."""
+    from .backbones import FAMILIES, known_models
+    from .checkpoint import CHECKPOINT_FORMATS
+    from .data import dataset_kinds
+    from .registry import all_tasks
+
+    click.echo("tasks:")
+    for task in all_tasks().values():
+        options = ", ".join(
+            f"{f.name}={f.default if f.default is not dataclasses.MISSING else '?'}" for f in dataclasses.fields(task.params)
+        )
+        click.echo(f"  {task.name:<12} {task.version:<24} {task.description}")
+        click.echo(f"  {'':<12} options: {options}")
+    click.echo(f"backbones (any of timm's {len(known_models())} model names; created with pretrained=False):")
+    for family, names in FAMILIES.items():
+        click.echo(f"  {family:<12} {', '.join(names)}")
+    click.echo("checkpoint formats (detected automatically):")
+    for name, text in CHECKPOINT_FORMATS.items():
+        click.echo(f"  {name:<12} {text}")
+    click.echo("dataset specs:")
+    for kind in dataset_kinds():
+        click.echo(f"  {kind}")
+
+
+def _parse_task_options(values: tuple[str, ...], task_names: list[str]) -> dict[str, dict[str, str]]:
+    """``-p key=value`` applies to every task with that option; ``-p task.key=value`` to one task."""
+    from .registry import get_task
+
+    per_task: dict[str, dict[str, str]] = {name: {} for name in task_names}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UserError(f"option {item!r}; expected key=value or task.key=value")
+        scope, dot, name = key.rpartition(".")
+        targets = [scope] if dot else task_names
+        if dot and scope not in per_task:
+            raise UserError(f"option {item!r} names task {scope!r}, which is not among --task {','.join(task_names)}")
+        matched = [t for t in targets if name in {f.name for f in dataclasses.fields(get_task(t).params)}]
+        if not matched:
+            raise UserError(f"no task among {', '.join(targets)} has an option {name!r} (see `ssl-bench list`)")
+        for target in matched:
+            per_task[target][name] = value
+    return per_task
+
+
+def run_evaluation(
+    tasks: str,
+    model: str | None,
+    data: str,
+    ckpt: str | None = None,
+    ckpt_key: str = "teacher",
+    data_name: str | None = None,
+    options: tuple[str, ...] = (),
+    device: str = "auto",
+    batch_size: int = 64,
+    workers: int = 2,
+    precision: str = "auto",
+    cache_dir: str | None = None,
+    use_cache: bool = True,
+    results: str = os.path.join(DEFAULT_RESULTS_DIR, DEFAULT_RESULTS_FILE),
+    method: str = "",
+    label: str | None = None,
+    seed: int = 0,
+) -> list:
+    """Score one backbone on one dataset with one or more tasks and append the rows to ``results``."""
+    from .backbones import create_backbone
+    from .context import TaskContext
+    from .data import resolve_dataset
+    from .registry import get_task, parse_params
+    from .results import append_rows
+    from .runner import run_tasks
+    from .runtime import init_distributed, resolve_device, seed_everything
+
+    task_names = [t.strip() for t in tasks.split(",") if t.strip()]
+    if not task_names:
+        raise UserError("--task is empty; expected one or more task names separated by commas")
+    selected = [get_task(name) for name in task_names]
+    per_task = _parse_task_options(options, task_names)
+    params = [(task, parse_params(task, per_task[task.name])) for task in selected]
+    torch_device = resolve_device(device)
+    info = init_distributed(torch_device)
+    seed_everything(seed)
+    dataset = resolve_dataset(data, data_name)
+    backbone = create_backbone(model, ckpt, ckpt_key, seed=seed)
+    ctx = TaskContext(
+        backbone=backbone, dataset=dataset, device=torch_device, batch_size=batch_size, workers=workers,
+        precision=precision, cache_dir=Path(cache_dir) if cache_dir else None, use_cache=use_cache,
+        method=method, model_label=label,
+    )
+    rows = run_tasks(params, ctx)
+    if info.is_main:
+        append_rows(results, rows)
+        log.info("%d rows appended to %s", len(rows), results)
+    return rows
+
+
+@cli.command("run")
+@click.option("--task", "tasks", required=True, help="Task name(s), comma-separated (knn,fewshot).")
+@click.option("--model", default=None, help="timm model name, e.g. vit_small_patch16_224 (optional for ssl-bench checkpoints).")
+@click.option("--ckpt", default=None, type=click.Path(dir_okay=False), help="Checkpoint file; random init when absent.")
+@click.option("--ckpt-key", default="teacher", type=click.Choice(["teacher", "student"]), show_default=True)
+@click.option("--data", required=True, help="Dataset spec: builtin:digits, imagefolder:PATH or PATH.")
+@click.option("--data-name", default=None, help="Name for the dataset in result rows (default: folder name).")
+@click.option("-p", "--opt", "options", multiple=True, help="Task option key=value or task.key=value (repeatable).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1 ...")
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--workers", default=min(8, os.cpu_count() or 1), show_default=True, type=click.IntRange(min=0))
+@click.option("--precision", default="auto", type=click.Choice(["auto", "fp32", "bf16"]), show_default=True,
+              help="auto = bf16 autocast on CUDA, fp32 on CPU.")
+@click.option("--cache-dir", default=None, help="Feature cache folder (default $SSL_BENCH_CACHE or ~/.cache/ssl-bench/features).")
+@click.option("--no-cache", is_flag=True, help="Always run the model; store nothing.")
+@click.option("--results", default=os.path.join(DEFAULT_RESULTS_DIR, DEFAULT_RESULTS_FILE), show_default=True)
+@click.option("--method", default="", help="Pretraining method recorded in rows (dino, dino-vmf, ...).")
+@click.option("--label", default=None, help="Model name in rows (default: checkpoint file name, or arch at random init).")
+@click.option("--seed", default=0, show_default=True)
+def run_cmd(tasks, model, ckpt, ckpt_key, data, data_name, options, device, batch_size, workers, precision,
+            cache_dir, no_cache, results, method, label, seed) -> None:
+    """Score a backbone with one or more tasks; rows are appended to the results CSV."""
+    rows = run_evaluation(tasks, model, data, ckpt, ckpt_key, data_name, options, device, batch_size, workers,
+                          precision, cache_dir, not no_cache, results, method, label, seed)
+    for row in rows:
+        click.echo(f"{row.task:<10} {row.dataset:<12} {row.metric:<14} {row.value:8.2f}")
+
+
+def build_leaderboard(results_dir: str, task: str | None = None, dataset: str | None = None, metric: str | None = None):
+    from .results import read_rows, result_files, write_leaderboard
+
+    rows = [row for path in result_files(results_dir) for row in read_rows(path)]
+    rows = [r for r in rows if (task is None or r.task == task) and (dataset is None or r.dataset == dataset)
+            and (metric is None or r.metric == metric)]
+    if not rows:
+        raise UserError(f"no result rows in {results_dir}" + (" matching the filter" if task or dataset or metric else ""))
+    return write_leaderboard(results_dir, rows)
+
+
+@cli.command("leaderboard")
+@click.option("--results-dir", default=DEFAULT_RESULTS_DIR, show_default=True)
+@click.option("--task", default=None, help="Only rows of this task.")
+@click.option("--dataset", default=None, help="Only rows of this dataset.")
+@click.option("--metric", default=None, help="Only rows of this metric.")
+def leaderboard_cmd(results_dir: str, task: str | None, dataset: str | None, metric: str | None) -> None:
+    """Pivot every row CSV in the results folder to model x (task/dataset/metric); write leaderboard.csv and print it."""
+    _print_leaderboard(results_dir, task, dataset, metric)
+
+
+def _print_leaderboard(results_dir: str, task: str | None = None, dataset: str | None = None,
+                       metric: str | None = None) -> None:
+    from .results import format_table
+
+    path, header, table = build_leaderboard(results_dir, task, dataset, metric)
+    click.echo(format_table(header, table))
+    click.echo(f"\nleaderboard written to {path}")
+
+
+@cli.command("demo")
+@click.option("--results-dir", default=DEFAULT_RESULTS_DIR, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--cache-dir", default=None, help="Feature cache folder.")
+def demo_cmd(results_dir: str, device: str, cache_dir: str | None) -> None:
+    """The main job on the built-in data: score the tiny ViT on builtin:digits with kNN, then write the leaderboard."""
+    from .backbones import TINY_VIT
+
+    results = os.path.join(results_dir, DEFAULT_RESULTS_FILE)
+    rows = run_evaluation("knn", TINY_VIT, "builtin:digits", device=device, workers=0, cache_dir=cache_dir,
+                          results=results, label=f"{TINY_VIT} (random init)")
+    for row in rows:
+        click.echo(f"{row.model}: {row.task}/{row.dataset}/{row.metric} = {row.value:.2f}")
+    _print_leaderboard(results_dir, dataset="digits")
+
+
+def main() -> None:
+    cli(prog_name="ssl-bench")
+
+
+if __name__ == "__main__":
+    main()
