@@ -13,6 +13,7 @@ mapped to timm's, and pos_embed is resampled when the grid differs. Nothing is e
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import pickle
 import re
@@ -79,20 +80,17 @@ def read_checkpoint(path: str | Path) -> Any:
     if not path.is_file():
         raise UserError(f"checkpoint {path} is not a file (expected a .pth/.pt file)")
     try:
-        with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
+        allow = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5; older ones use the fallback
+        with allow(list(SAFE_GLOBALS)) if allow else contextlib.nullcontext():
             return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:  # a non-allow-listed object, or bytes that are not a pickle at all
-        weights_only_error = exc
+    except pickle.UnpicklingError:  # a non-allow-listed object, or bytes that are not a pickle at all
+        pass
     except Exception as exc:  # truncated files, not-a-checkpoint files
         raise UserError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from exc
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:
-        first = str(weights_only_error).strip().splitlines()[-1] if str(weights_only_error).strip() else ""
-        raise UserError(
-            f"cannot read checkpoint {path}: not a torch checkpoint, or corrupt ({type(exc).__name__}: {exc}"
-            + (f"; weights-only load: {first}" if first else "") + ")"
-        ) from exc
+        raise UserError(f"cannot read checkpoint {path}: not a torch checkpoint, or corrupt ({type(exc).__name__}: {exc})") from exc
     log.warning("%s holds non-tensor objects; loaded it with full unpickling (only load files you trust)", path)
     return checkpoint
 
