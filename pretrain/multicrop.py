@@ -1,0 +1,186 @@
+"""DINO's multi-crop augmentation, a dataset wrapper that makes it reproducible, and its collate function.
+
+The recipe (Caron et al. 2021, DINO; the same photometric set as BYOL):
+
+- 2 global crops: RandomResizedCrop(global_size, scale=global_scale, bicubic);
+  ``n_local`` local crops: RandomResizedCrop(local_size, scale=local_scale, bicubic).
+- every crop: horizontal flip (p 0.5), colour jitter (brightness 0.4, contrast 0.4,
+  saturation 0.2, hue 0.1; applied with p 0.8), grayscale (p 0.2).
+- Gaussian blur, sigma ~ U(blur_sigma): global crop 1 always, global crop 2 with p 0.1
+  (then solarize at 128 with p 0.2), local crops with p 0.5.
+- ToTensor + ImageNet Normalize.
+
+The blur is PIL's ``ImageFilter.GaussianBlur(radius=sigma)`` (PIL's radius is the standard
+deviation), as in DINO's reference code: it has no kernel-size parameter, so it stays a
+proper Gaussian blur at any crop side, 16 px included. Its sigma is drawn from torch's RNG,
+so every random choice in the pipeline comes from one generator and a single
+``torch.manual_seed`` fixes a sample's crops.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageFilter
+from torchvision import transforms as T
+from torchvision.transforms import InterpolationMode
+
+from ssl_bench.data import ImageSplit
+from ssl_bench.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+__all__ = [
+    "MultiCropAugmentation",
+    "MultiCropDataset",
+    "RandomPILGaussianBlur",
+    "collate_multicrop",
+    "sample_seed",
+]
+
+
+class RandomPILGaussianBlur:
+    """Gaussian blur with probability ``p`` and sigma ~ U(sigma); randomness from torch's global RNG."""
+
+    def __init__(self, p: float, sigma: tuple[float, float] = (0.1, 2.0)) -> None:
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"blur probability must lie in [0, 1], got {p}")
+        if not 0.0 < sigma[0] <= sigma[1]:
+            raise ValueError(f"blur sigma range must satisfy 0 < low <= high, got {sigma}")
+        self.p, self.sigma = float(p), (float(sigma[0]), float(sigma[1]))
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        # Draw both numbers unconditionally so the RNG stream does not depend on p.
+        apply = torch.rand(()).item() < self.p
+        sigma = torch.empty(()).uniform_(self.sigma[0], self.sigma[1]).item()
+        return image.filter(ImageFilter.GaussianBlur(radius=sigma)) if apply else image
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(p={self.p}, sigma={self.sigma})"
+
+
+def _pair(value: Sequence[float], name: str) -> tuple[float, float]:
+    low, high = (float(v) for v in value)
+    if not 0.0 < low <= high:
+        raise ValueError(f"{name} must be (low, high) with 0 < low <= high, got {tuple(value)}")
+    return low, high
+
+
+@dataclass(frozen=True)
+class MultiCropAugmentation:
+    """DINO multi-crop config; calling it turns one PIL image into ``2 + n_local`` normalised crops.
+
+    Defaults are DINO's ViT-S/16 recipe (2 x 224 at scale 0.4-1, 10 x 96 at scale 0.05-0.4).
+    Randomness comes from torch's global RNG; wrap the call in a seeded ``fork_rng``
+    (as :class:`MultiCropDataset` does) for reproducible crops.
+    """
+
+    global_size: int = 224
+    local_size: int = 96
+    n_local: int = 10
+    global_scale: tuple[float, float] = (0.4, 1.0)
+    local_scale: tuple[float, float] = (0.05, 0.4)
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    _pipelines: tuple[Callable, Callable, Callable] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.global_size < 1 or self.local_size < 1:
+            raise ValueError(f"crop sizes must be positive, got global {self.global_size}, local {self.local_size}")
+        if self.n_local < 0:
+            raise ValueError(f"n_local must be >= 0, got {self.n_local}")
+        # YAML presets give lists; store tuples so the config stays hashable and comparable.
+        for name in ("global_scale", "local_scale", "blur_sigma"):
+            object.__setattr__(self, name, _pair(getattr(self, name), name))
+        object.__setattr__(self, "_pipelines", self._build())
+
+    def _build(self) -> tuple[Callable, Callable, Callable]:
+        photometric = [
+            T.RandomHorizontalFlip(p=0.5),
+            T.RandomApply([T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
+            T.RandomGrayscale(p=0.2),
+        ]
+        normalize = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+
+        def crop(size: int, scale: tuple[float, float]) -> T.RandomResizedCrop:
+            return T.RandomResizedCrop(size, scale=scale, interpolation=InterpolationMode.BICUBIC)
+
+        global_1 = T.Compose([
+            crop(self.global_size, self.global_scale), *photometric,
+            RandomPILGaussianBlur(1.0, self.blur_sigma), *normalize,
+        ])
+        global_2 = T.Compose([
+            crop(self.global_size, self.global_scale), *photometric,
+            RandomPILGaussianBlur(0.1, self.blur_sigma), T.RandomSolarize(threshold=128, p=0.2), *normalize,
+        ])
+        local = T.Compose([
+            crop(self.local_size, self.local_scale), *photometric,
+            RandomPILGaussianBlur(0.5, self.blur_sigma), *normalize,
+        ])
+        return global_1, global_2, local
+
+    @property
+    def n_crops(self) -> int:
+        return 2 + self.n_local
+
+    @property
+    def crop_sizes(self) -> list[int]:
+        """Side of each crop in output order (globals first), e.g. for a trainer to group forward passes."""
+        return [self.global_size] * 2 + [self.local_size] * self.n_local
+
+    def __call__(self, image: Image.Image) -> list[torch.Tensor]:
+        """[global 1, global 2, local 1, ..., local n]; each a float tensor (3, side, side)."""
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        global_1, global_2, local = self._pipelines
+        return [global_1(image), global_2(image)] + [local(image) for _ in range(self.n_local)]
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A 64-bit seed that depends on (seed, epoch, index) only, well mixed so nearby triples are unrelated."""
+    if min(seed, epoch, index) < 0:
+        raise ValueError(f"seed, epoch and index must be >= 0, got {(seed, epoch, index)}")
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1, dtype=np.uint64)[0])
+
+
+class MultiCropDataset(torch.utils.data.Dataset):
+    """(crops, index) pairs whose crops depend on (seed, epoch, index) only.
+
+    Worker count, worker seeding, sampler order and the step a run resumed from all leave
+    the crops unchanged. Call :meth:`set_epoch` before each epoch. DataLoader workers hold
+    a copy of the dataset taken when they start, so do not combine this with
+    ``persistent_workers=True`` (the workers would keep the old epoch).
+    """
+
+    def __init__(self, split: ImageSplit, augmentation: Callable[[Image.Image], list[torch.Tensor]], seed: int = 0) -> None:
+        self.split, self.augmentation, self.seed = split, augmentation, int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, index: int) -> tuple[list[torch.Tensor], int]:
+        index = int(index)
+        image = self.split.load_image(index)
+        # fork_rng restores the caller's CPU RNG afterwards, so other consumers are unaffected.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed(self.seed, self.epoch, index))
+            crops = self.augmentation(image)
+        return crops, index
+
+
+def collate_multicrop(
+    batch: Sequence[tuple[Sequence[torch.Tensor], int]],
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Stack crop i of every sample: ([B, 3, H_i, W_i] per crop position, indices [B] int64)."""
+    if not batch:
+        raise ValueError("collate_multicrop got an empty batch")
+    n_crops = len(batch[0][0])
+    if any(len(crops) != n_crops for crops, _ in batch):
+        raise ValueError(f"every sample must have the same number of crops; got {sorted({len(c) for c, _ in batch})}")
+    stacked = [torch.stack([crops[i] for crops, _ in batch]) for i in range(n_crops)]
+    indices = torch.tensor([int(index) for _, index in batch], dtype=torch.int64)
+    return stacked, indices
