@@ -60,6 +60,9 @@ def list_cmd() -> None:
     click.echo("dataset specs:")
     for kind in dataset_kinds():
         click.echo(f"  {kind}")
+    from ssl_bench.pretrain.config import preset_names
+
+    click.echo(f"pretraining presets: {', '.join(preset_names())}")
 
 
 def _parse_task_options(values: tuple[str, ...], task_names: list[str]) -> dict[str, dict[str, str]]:
@@ -206,6 +209,35 @@ def demo_cmd(results_dir: str, device: str, cache_dir: str | None) -> None:
     for row in rows:
         click.echo(f"{row.model}: {row.task}/{row.dataset}/{row.metric} = {row.value:.2f}")
     _print_leaderboard(results_dir, dataset="digits")
+
+
+@cli.command("pretrain", context_settings={"ignore_unknown_options": False})
+@click.option("--preset", default=None, help="Preset name (see `ssl-bench list`); not needed with --resume.")
+@click.option("--data", required=True, help="Dataset spec whose train split is used (labels ignored).")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Run folder.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
+@click.option("--device", default="auto", show_default=True)
+@click.argument("overrides", nargs=-1)
+def pretrain_cmd(preset: str | None, data: str, out_dir: str, resume: bool, device: str, overrides: tuple[str, ...]) -> None:
+    """Pretrain with DINO / DINO-vMF. OVERRIDES are key=value settings on top of the preset (epochs=10 lr=1e-3)."""
+    from ssl_bench.pretrain.config import make_config
+    from ssl_bench.pretrain.trainer import CONFIG_NAME, pretrain
+
+    values = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UserError(f"override {item!r}; expected key=value")
+        values[key] = value
+    saved = Path(out_dir) / CONFIG_NAME
+    if resume and saved.is_file():
+        config = make_config(None, values, from_file=saved)
+    elif preset:
+        config = make_config(preset, values)
+    else:
+        raise UserError("--preset is required for a new run (see `ssl-bench list` for the presets)")
+    checkpoint = pretrain(config, data, out_dir, resume=resume, device=device)
+    click.echo(f"checkpoint: {checkpoint}")
 
 
 def main() -> None:

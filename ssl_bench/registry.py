@@ -5,11 +5,11 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import pkgutil
-import typing
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from .errors import UserError
+from .options import parse_fields
 
 
 @dataclass(frozen=True)
@@ -64,32 +64,6 @@ def get_task(name: str) -> Task:
     return tasks[name]
 
 
-def _convert(text: str, kind: Any, what: str) -> Any:
-    origin = typing.get_origin(kind)
-    if origin in (tuple, list):
-        (inner, *_) = typing.get_args(kind) or (str,)
-        values = [_convert(part.strip(), inner, what) for part in text.split(",") if part.strip()]
-        return tuple(values) if origin is tuple else values
-    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
-        options = [a for a in typing.get_args(kind) if a is not type(None)]
-        if text.lower() in ("none", ""):
-            return None
-        return _convert(text, options[0], what)
-    try:
-        if kind is bool:
-            if text.lower() not in ("1", "0", "true", "false", "yes", "no"):
-                raise ValueError(text)
-            return text.lower() in ("1", "true", "yes")
-        return kind(text)
-    except ValueError:
-        raise UserError(f"{what}={text!r}: expected {getattr(kind, '__name__', kind)}") from None
-
-
 def parse_params(task: Task, values: dict[str, str]) -> Any:
     """Build the task's params dataclass from ``key=value`` strings, converting by field type."""
-    hints = typing.get_type_hints(task.params)
-    names = [f.name for f in dataclasses.fields(task.params)]
-    unknown = sorted(set(values) - set(names))
-    if unknown:
-        raise UserError(f"task {task.name} has no option {', '.join(unknown)}; its options: {', '.join(names)}")
-    return task.params(**{k: _convert(v, hints[k], f"{task.name}.{k}") for k, v in values.items()})
+    return task.params(**parse_fields(task.params, values, f"task {task.name}"))

@@ -1,0 +1,37 @@
+"""Per-epoch health statistics of DINO training: teacher sharpness, collapse, prototype norms.
+
+A collapsing teacher shows as entropy -> 0 with KL(mean || uniform) -> log K (one prototype for all)
+or entropy -> log K with KL -> 0 (uniform output); DINO-vMF's trained norms are watched via ``norm_stats``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def teacher_entropy(probs: Tensor) -> Tensor:
+    """Mean over rows of H(p_b) = -sum_k p_bk log p_bk (nats) for probs [B, K]; a 0-dim tensor (no sync)."""
+    return -torch.special.xlogy(probs.float(), probs.float()).sum(dim=-1).mean()
+
+
+def kl_to_uniform(probs: Tensor) -> Tensor:
+    """KL(mean_b p_b || uniform) = log K - H(mean_b p_b) for probs [B, K]; 0 when all prototypes are used evenly."""
+    mean = probs.float().reshape(-1, probs.shape[-1]).mean(dim=0)
+    return math.log(probs.shape[-1]) + torch.special.xlogy(mean, mean).sum()
+
+
+def norm_stats(norms: Tensor) -> dict[str, float]:
+    """min, mean, max and the 5th / 50th / 95th percentiles of the prototype norms [K], as floats."""
+    values = norms.detach().double().flatten()
+    quantiles = torch.quantile(values, values.new_tensor([0.05, 0.5, 0.95])).tolist()
+    return {
+        "min": values.min().item(),
+        "mean": values.mean().item(),
+        "max": values.max().item(),
+        "p5": quantiles[0],
+        "p50": quantiles[1],
+        "p95": quantiles[2],
+    }

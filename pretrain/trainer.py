@@ -1,0 +1,261 @@
+"""The DINO / DINO-vMF training loop: multi-crop student/teacher, EMA, centering, schedules, exact resume."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm import tqdm
+
+from ssl_bench.data import resolve_dataset
+from ssl_bench.errors import UserError
+from ssl_bench.io import atomic_write_text
+from ssl_bench.prototypes import unique_prototypes
+from ssl_bench.runtime import dist_info, init_distributed, resolve_device
+
+from .centering import make_centering
+from .checkpointing import BACKBONE_NAME, CHECKPOINT_NAME, export_teacher_backbone, load_checkpoint, save_checkpoint
+from .config import PretrainConfig, save_config
+from .dino_loss import dino_cross_entropy
+from .monitor import kl_to_uniform, norm_stats, teacher_entropy
+from .multicrop import MultiCropAugmentation, MultiCropDataset, collate_multicrop
+from .network import MultiCropNet, build_student_teacher
+from .schedules import cosine_schedule, teacher_temperature
+from .vmf import prototype_logits
+
+log = logging.getLogger(__name__)
+LOG_NAME = "log.jsonl"
+CONFIG_NAME = "config.yaml"
+
+
+class SimulatedKill(RuntimeError):
+    """Raised by ``stop_at_step`` to stop a run the way a kill would: mid-epoch, without saving."""
+
+
+@dataclass
+class Schedules:
+    lr: np.ndarray
+    weight_decay: np.ndarray
+    momentum: np.ndarray
+
+
+def make_schedules(config: PretrainConfig, steps_per_epoch: int, world_size: int) -> Schedules:
+    peak_lr = config.lr * config.batch_size * world_size / 256.0
+    return Schedules(
+        lr=cosine_schedule(peak_lr, config.min_lr, config.epochs, steps_per_epoch, config.warmup_epochs),
+        weight_decay=cosine_schedule(config.weight_decay, config.weight_decay_end, config.epochs, steps_per_epoch),
+        momentum=cosine_schedule(config.momentum_teacher, 1.0, config.epochs, steps_per_epoch),
+    )
+
+
+def make_optimizer(student: nn.Module, device: torch.device) -> torch.optim.AdamW:
+    """AdamW; biases and norm parameters (1-D) are not weight-decayed. Fused kernels on CUDA."""
+    decay = [p for p in student.parameters() if p.requires_grad and p.ndim > 1]
+    no_decay = [p for p in student.parameters() if p.requires_grad and p.ndim <= 1]
+    groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=0.0, fused=device.type == "cuda")
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
+    teacher_params = [p for _, p in sorted(teacher.named_parameters())]
+    student_params = [p.detach() for _, p in sorted(student.named_parameters())]
+    torch._foreach_mul_(teacher_params, momentum)
+    torch._foreach_add_(teacher_params, student_params, alpha=1.0 - momentum)
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _all_mean(value: torch.Tensor) -> torch.Tensor:
+    if dist_info().world_size > 1:
+        value = value.clone()
+        dist.all_reduce(value)
+        value /= dist_info().world_size
+    return value
+
+
+def _make_loader(config: PretrainConfig, data: str, world_size: int, rank: int, device: torch.device):
+    split = resolve_dataset(data).split("train")
+    augmentation = MultiCropAugmentation(config.global_size, config.local_size, config.n_local,
+                                         config.global_scale, config.local_scale)
+    dataset = MultiCropDataset(split, augmentation, seed=config.seed)
+    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
+                                                  seed=config.seed, drop_last=True)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, sampler=sampler,
+                                         num_workers=config.num_workers, collate_fn=collate_multicrop,
+                                         drop_last=True, pin_memory=device.type == "cuda")
+    if len(loader) == 0:
+        raise UserError(f"{data}: {len(split)} training images give no full batch of {config.batch_size} "
+                        f"on each of {world_size} process(es); lower batch_size")
+    return dataset, sampler, loader
+
+
+class Trainer:
+    """Owns the networks, optimizer, centering and schedules of one run in ``out_dir``."""
+
+    def __init__(self, config: PretrainConfig, data: str, out_dir: str | Path, device: str = "auto") -> None:
+        self.config, self.data, self.out_dir = config, data, Path(out_dir)
+        self.device = resolve_device(device)
+        self.info = init_distributed(self.device)
+        self.precision = config.precision if config.precision != "auto" else (
+            "bf16" if self.device.type == "cuda" else "fp32")
+        self.dataset, self.sampler, self.loader = _make_loader(config, data, self.info.world_size, self.info.rank,
+                                                               self.device)
+        self.steps_per_epoch = len(self.loader)
+        torch.manual_seed(config.seed)
+        student, teacher = build_student_teacher(config)
+        self.student_module, self.teacher = student.to(self.device), teacher.to(self.device)
+        self.student: nn.Module = self.student_module
+        if self.info.world_size > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.student = nn.parallel.DistributedDataParallel(self.student_module, device_ids=ids)
+        self.optimizer = make_optimizer(self.student_module, self.device)
+        self.centering = make_centering(config.centering, config.out_dim, config.center_momentum).to(self.device)
+        self.schedules = make_schedules(config, self.steps_per_epoch, self.info.world_size)
+        self.last_layer = set(map(id, self.student_module.head.last_layer_parameters()))
+        self.start_epoch = 0
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.out_dir / CHECKPOINT_NAME
+
+    def state(self, next_epoch: int) -> dict:
+        return {
+            "student": self.student_module.state_dict(), "teacher": self.teacher.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "centering": self.centering.state_dict(),
+            "epoch": next_epoch, "step": next_epoch * self.steps_per_epoch,
+            "torch_rng": torch.get_rng_state(),
+        }
+
+    def resume(self) -> None:
+        """Continue from ``checkpoint.pth``: weights, optimizer, centering, epoch; randomness is per step."""
+        if not self.checkpoint_path.is_file():
+            log.info("no checkpoint in %s yet: starting from epoch 0", self.out_dir)
+            return
+        state = load_checkpoint(self.checkpoint_path)
+        self.student_module.load_state_dict(state["student"])
+        self.teacher.load_state_dict(state["teacher"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.centering.load_state_dict(state["centering"])
+        torch.set_rng_state(state["torch_rng"])
+        self.start_epoch = int(state["epoch"])
+        log.info("resumed %s at epoch %d", self.checkpoint_path, self.start_epoch)
+
+    def _logits(self, output, temperature: float) -> torch.Tensor:
+        return prototype_logits(output.dots.float(), output.norms.float(), temperature,
+                                self.config.normalization, self.config.bottleneck_dim)
+
+    def train_step(self, crops: list[torch.Tensor], epoch: int, step: int) -> dict[str, float]:
+        config = self.config
+        for i, group in enumerate(self.optimizer.param_groups):
+            group["lr"] = float(self.schedules.lr[step])
+            if i == 0:
+                group["weight_decay"] = float(self.schedules.weight_decay[step])
+        temp = teacher_temperature(epoch, config.warmup_teacher_temp, config.teacher_temp,
+                                   config.warmup_teacher_temp_epochs)
+        torch.manual_seed(config.seed * 1_000_003 + step)  # drop path: same draws whatever the resume point
+        crops = [c.to(self.device, non_blocking=True) for c in crops]
+        with _autocast(self.device, self.precision):
+            with torch.no_grad():
+                teacher_logits = self._logits(self.teacher(crops[:2]), temp)
+            student_logits = self._logits(self.student(crops), config.student_temp)
+        teacher_probs = self.centering.teacher_probs(teacher_logits, temp)
+        loss = dino_cross_entropy(list(student_logits.chunk(len(crops))), list(teacher_probs.chunk(2)))
+        self.centering.update(teacher_logits, temp)
+        mean_loss = _all_mean(loss.detach()).item()
+        if not math.isfinite(mean_loss):
+            raise UserError(
+                f"non-finite loss ({mean_loss}) at epoch {epoch}, step {step}; stopped without saving. "
+                f"The last good checkpoint is {self.checkpoint_path}"
+                + ("" if self.checkpoint_path.is_file() else " (none written yet)")
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.clip_grad > 0:
+            nn.utils.clip_grad_norm_(self.student_module.parameters(), config.clip_grad)
+        if epoch < config.freeze_last_layer:
+            for param in self.student_module.parameters():
+                if id(param) in self.last_layer:
+                    param.grad = None
+        self.optimizer.step()
+        ema_update(self.teacher, self.student_module, float(self.schedules.momentum[step]))
+        return {"loss": mean_loss, "teacher_entropy": float(teacher_entropy(teacher_probs)),
+                "kl_uniform": float(kl_to_uniform(teacher_probs)), "teacher_temp": temp,
+                "lr": float(self.schedules.lr[step]), "wd": float(self.schedules.weight_decay[step])}
+
+    @torch.no_grad()
+    def prototype_stats(self) -> dict[str, float]:
+        head = self.teacher.head
+        stats = {f"proto_norm_{k}": v for k, v in norm_stats(head.prototype_norms().float()).items()}
+        count, _ = unique_prototypes(head.prototype_weights().float(), self.config.unique_threshold)
+        stats[f"unique_protos@{self.config.unique_threshold}"] = int(count)
+        return stats
+
+    def _rewrite_log(self, upto_epoch: int) -> None:
+        """Drop log lines of epochs that a resume will run again."""
+        path = self.out_dir / LOG_NAME
+        if self.info.is_main and path.is_file():
+            kept = [line for line in path.read_text().splitlines() if json.loads(line)["epoch"] < upto_epoch]
+            atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+    def fit(self, stop_at_step: int | None = None) -> Path:
+        config = self.config
+        self._rewrite_log(self.start_epoch)
+        for epoch in range(self.start_epoch, config.epochs):
+            start = time.time()
+            self.sampler.set_epoch(epoch)
+            self.dataset.set_epoch(epoch)
+            self.student.train()
+            sums: dict[str, float] = {}
+            bar = tqdm(self.loader, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not self.info.is_main,
+                       leave=False)
+            for it, (crops, _) in enumerate(bar):
+                step = epoch * self.steps_per_epoch + it
+                if stop_at_step is not None and step == stop_at_step:
+                    raise SimulatedKill(f"stopped at step {step}")
+                metrics = self.train_step(crops, epoch, step)
+                for key, value in metrics.items():
+                    sums[key] = sums.get(key, 0.0) + value
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+            record = {"epoch": epoch, **{k: v / self.steps_per_epoch for k, v in sums.items()},
+                      **self.prototype_stats(), "epoch_s": round(time.time() - start, 2)}
+            record["lr"] = float(self.schedules.lr[(epoch + 1) * self.steps_per_epoch - 1])
+            if self.info.is_main:
+                with open(self.out_dir / LOG_NAME, "a") as handle:
+                    handle.write(json.dumps(record) + "\n")
+                save_checkpoint(self.checkpoint_path, config, self.state(epoch + 1))
+                log.info("epoch %d: loss %.4f, teacher entropy %.3f, unique prototypes %d", epoch,
+                         record["loss"], record["teacher_entropy"], record[f"unique_protos@{config.unique_threshold}"])
+            if self.info.world_size > 1:
+                dist.barrier()
+        if self.info.is_main:
+            export_teacher_backbone(self.out_dir / BACKBONE_NAME, self.teacher.state_dict())
+        return self.checkpoint_path
+
+
+def pretrain(config: PretrainConfig, data: str, out_dir: str | Path, resume: bool = False, device: str = "auto",
+             stop_at_step: int | None = None) -> Path:
+    """Train into ``out_dir`` (config.yaml, log.jsonl, checkpoint.pth, teacher_backbone.pth); returns the checkpoint."""
+    out_dir = Path(out_dir)
+    if not resume and (out_dir / CHECKPOINT_NAME).exists():
+        raise UserError(f"{out_dir} already holds a run ({CHECKPOINT_NAME}); pass --resume to continue it or choose another --out")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    trainer = Trainer(config, data, out_dir, device)
+    if trainer.info.is_main:
+        save_config(config, out_dir / CONFIG_NAME)
+    if resume:
+        trainer.resume()
+    return trainer.fit(stop_at_step)
