@@ -35,6 +35,7 @@ from .vmf import prototype_logits
 log = logging.getLogger(__name__)
 LOG_NAME = "log.jsonl"
 CONFIG_NAME = "config.yaml"
+RESUMABLE_CHANGES = ("epochs", "num_workers", "precision")
 
 
 class SimulatedKill(RuntimeError):
@@ -146,6 +147,11 @@ class Trainer:
             log.info("no checkpoint in %s yet: starting from epoch 0", self.out_dir)
             return
         state = load_checkpoint(self.checkpoint_path)
+        saved = state["ssl_bench"]["config"]
+        changed = sorted(k for k, v in self.config.to_dict().items() if k not in RESUMABLE_CHANGES and saved.get(k) != v)
+        if changed:
+            raise UserError(f"{self.checkpoint_path} was trained with other settings ({', '.join(changed)}); "
+                            f"resume changes only {', '.join(RESUMABLE_CHANGES)}")
         self.student_module.load_state_dict(state["student"])
         self.teacher.load_state_dict(state["teacher"])
         self.optimizer.load_state_dict(state["optimizer"])

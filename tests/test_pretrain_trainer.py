@@ -1,0 +1,118 @@
+"""The training loop: exact resume after a mid-epoch kill, DDP equals one process, NaN stops cleanly, configs."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from ssl_bench.checkpoint import read_checkpoint
+from ssl_bench.errors import UserError
+from ssl_bench.pretrain import trainer as trainer_module
+from ssl_bench.pretrain.config import PretrainConfig, make_config, preset_names
+from ssl_bench.pretrain.trainer import SimulatedKill, pretrain
+
+from replicas import make_imagefolder
+
+SMALL = {"epochs": "2", "batch_size": "8", "out_dim": "64", "hidden_dim": "64", "bottleneck_dim": "32",
+         "n_local": "2", "warmup_epochs": "1", "warmup_teacher_temp_epochs": "1", "num_workers": "0",
+         "freeze_last_layer": "0"}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> str:
+    return str(make_imagefolder(tmp_path_factory.mktemp("pt") / "d", classes=(0, 1, 7), train_per_class=12))
+
+
+def _weights(path) -> dict[str, torch.Tensor]:
+    state = read_checkpoint(path)
+    return {**{f"s.{k}": v for k, v in state["student"].items()}, **{f"t.{k}": v for k, v in state["teacher"].items()},
+            **{f"c.{k}": v for k, v in state["centering"].items()}}
+
+
+@pytest.mark.parametrize("overrides", [{}, {"normalization": "l2", "centering": "logit", "drop_path": "0.1"}])
+def test_killed_mid_epoch_and_resumed_equals_uninterrupted(tmp_path, data, overrides):
+    config = make_config("tiny_cpu", {**SMALL, **overrides})
+    full = pretrain(config, data, tmp_path / "full", device="cpu")  # 2 epochs x 4 steps
+    with pytest.raises(SimulatedKill):
+        pretrain(config, data, tmp_path / "killed", device="cpu", stop_at_step=6)  # mid-epoch 2
+    assert read_checkpoint(tmp_path / "killed" / "checkpoint.pth")["epoch"] == 1
+    resumed = pretrain(config, data, tmp_path / "killed", resume=True, device="cpu")
+    a, b = _weights(full), _weights(resumed)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+    log_lines = (tmp_path / "killed" / "log.jsonl").read_text().splitlines()
+    assert len(log_lines) == 2 and (tmp_path / "killed" / "teacher_backbone.pth").is_file()
+
+
+def test_existing_run_is_not_overwritten(tmp_path, data):
+    config = make_config("tiny_cpu", {**SMALL, "epochs": "1"})
+    pretrain(config, data, tmp_path / "run", device="cpu")
+    with pytest.raises(UserError, match="already holds a run"):
+        pretrain(config, data, tmp_path / "run", device="cpu")
+    with pytest.raises(UserError, match=r"trained with other settings \(lr\)"):
+        pretrain(make_config("tiny_cpu", {**SMALL, "epochs": "1", "lr": "0.1"}), data, tmp_path / "run",
+                 resume=True, device="cpu")
+
+
+def test_non_finite_loss_stops_naming_the_step_and_keeps_the_checkpoint(tmp_path, data, monkeypatch):
+    config = make_config("tiny_cpu", {**SMALL, "epochs": "3"})
+    real = trainer_module.dino_cross_entropy
+    calls = {"n": 0}
+
+    def poisoned(student, teacher):
+        calls["n"] += 1
+        loss = real(student, teacher)
+        return loss * float("nan") if calls["n"] == 6 else loss  # step 5, in epoch 1
+
+    monkeypatch.setattr(trainer_module, "dino_cross_entropy", poisoned)
+    with pytest.raises(UserError, match=r"non-finite loss \(nan\) at epoch 1, step 5"):
+        pretrain(config, data, tmp_path / "run", device="cpu")
+    checkpoint = read_checkpoint(tmp_path / "run" / "checkpoint.pth")
+    assert checkpoint["epoch"] == 1 and all(torch.isfinite(v).all() for v in checkpoint["student"].values())
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, port: int, data: str, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    config = make_config("tiny_cpu", {**SMALL, "epochs": "1", "batch_size": "4"})
+    try:
+        pretrain(config, data, out, device="cpu")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_two_process_gloo_ddp_matches_one_process_on_the_same_global_batch(tmp_path, data):
+    mp.spawn(_ddp_worker, args=(_free_port(), data, str(tmp_path / "ddp")), nprocs=2)
+    single = pretrain(make_config("tiny_cpu", {**SMALL, "epochs": "1", "batch_size": "8"}), data,
+                      tmp_path / "single", device="cpu")
+    a, b = _weights(single), _weights(tmp_path / "ddp" / "checkpoint.pth")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_presets_load_and_overrides_are_typed():
+    assert {"dino_vits16", "dino_vmf_vits16", "dino_vitb16", "dino_vmf_vitb16", "tiny_cpu"} <= set(preset_names())
+    for name in preset_names():
+        assert isinstance(make_config(name), PretrainConfig)
+    vitb = make_config("dino_vitb16")
+    assert (vitb.normalization, vitb.centering, vitb.arch) == ("l2", "logit", "vit_base_patch16_224")
+    vmf = make_config("dino_vmf_vits16", {"epochs": "7", "global_scale": "0.3,1.0"})
+    assert (vmf.normalization, vmf.centering, vmf.epochs, vmf.global_scale) == ("vmf", "probability", 7, (0.3, 1.0))
+    with pytest.raises(UserError, match="no option lrr"):
+        make_config("tiny_cpu", {"lrr": "1"})
+    with pytest.raises(UserError, match="normalization='cosine'; expected one of none, l2, vmf"):
+        make_config("tiny_cpu", {"normalization": "cosine"})
+    with pytest.raises(UserError, match="unknown preset 'dino_vit_huge'"):
+        make_config("dino_vit_huge")
