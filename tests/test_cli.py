@@ -77,7 +77,7 @@ def test_builtin_digits_two_runs_and_the_leaderboard_pivot(tmp_path):
         (["run", "--task", "knn", "--model", TINY, "--data", "builtin:cifar"], "unknown dataset 'builtin:cifar'; valid: builtin:digits"),
         (["run", "--task", "knn", "--model", TINY, "--data", "builtin:digits", "-p", "kk=3"], "no task among knn has an option 'kk'"),
         (["run", "--task", "knn", "--model", TINY, "--data", "builtin:digits", "-p", "ks=ten"], "knn.ks='ten'"),
-        (["run", "--task", "knn", "--model", "resnet18", "--ckpt", "MISSING.pth", "--data", "builtin:digits"], "is not a file"),
+        (["run", "--task", "knn", "--model", "resnet18", "--ckpt", "MISSING.pth", "--data", "builtin:digits"], "MISSING.pth does not exist"),
         (["leaderboard", "--results-dir", "NO_SUCH_DIR"], "does not exist"),
     ],
 )
