@@ -125,7 +125,9 @@ def worker(args: argparse.Namespace) -> None:
                                   num_classes=args.classes, backend=args.worker)
     wall = time.perf_counter() - start  # accuracies are Python floats: the device has finished
     device_mib = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    usage = resource.getrusage(resource.RUSAGE_SELF)
     print(json.dumps({"method": args.worker, "wall_s": wall, "peak_rss_mib": peak_rss_mib(), "device_mib": device_mib,
+                      "cpu_s": usage.ru_utime + usage.ru_stime, "load": os.getloadavg()[0],
                       "added_mib": peak_rss_mib() - before, "accuracies": {str(k): v for k, v in accuracies.items()}}))
 
 
@@ -166,7 +168,8 @@ def main(argv: list[str] | None = None) -> None:
         results = []
         for method in methods:
             result = run_method(method, args, folder)
-            print(f"  {method:<9} {result['wall_s']:7.2f} s", flush=True)
+            print(f"  {method:<9} {result['wall_s']:7.2f} s  (process CPU {result['cpu_s']:.1f} s, load {result['load']:.2f})",
+                  flush=True)
             results.append(result)
 
     baseline = next((r for r in results if r["method"] == "reference"), None)
@@ -186,6 +189,9 @@ def main(argv: list[str] | None = None) -> None:
         assert r["accuracies"] == first["accuracies"], (
             f"{r['method']} disagrees with {first['method']}: {r['accuracies']} vs {first['accuracies']}")
     print(f"all {len(results)} methods give the same accuracies")
+    if max(r["load"] for r in results) > args.threads + 0.5:
+        print(f"note: the 1-min load average exceeded --threads ({args.threads}): other processes shared the CPUs, "
+              "so the times are inflated and noisy")
 
 
 if __name__ == "__main__":

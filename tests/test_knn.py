@@ -299,4 +299,5 @@ def test_task_rows():
     assert best_row.params["best_k"] == chosen and best_row.params["ks"] == [1, 5, 20]
     assert best_row.params["temperature"] == 0.07 and best_row.params["backend"] == "torch"
     assert best_row.params["feature"] == "cls" and best_row.params["transform"] == "eval_dino"
+    assert best_row.params["feature_dtype"] == "float16" and best_row.params["backend_used"] == "torch"
     assert next(r for r in rows if r.metric == "top5_k5").params["k"] == 5
