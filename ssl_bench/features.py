@@ -111,7 +111,8 @@ class Features:
     cached: bool  # True when read from the cache without running the model
 
     def tensor(self, device: torch.device | str = "cpu") -> torch.Tensor:
-        return torch.from_numpy(np.asarray(self.features, dtype=np.float32)).to(device)
+        """float32 on ``device``; the stored dtype crosses to the device first, so host memory holds no fp32 copy."""
+        return torch.tensor(np.asarray(self.features)).to(device).float()
 
 
 def default_cache_dir() -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import platform
@@ -9,6 +10,7 @@ import random
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -54,6 +56,17 @@ def resolve_device(name: str = "auto") -> torch.device:
 
         raise UserError(f"--device {name}: CUDA is not available on this machine; use --device cpu or auto")
     return device
+
+
+@contextlib.contextmanager
+def strict_fp32() -> Iterator[None]:
+    """Full-precision float32 matrix products on CUDA inside the block (no TF32), whatever the process set."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def seed_everything(seed: int) -> None:

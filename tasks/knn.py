@@ -20,6 +20,7 @@ from ssl_bench.context import TaskContext
 from ssl_bench.errors import UserError
 from ssl_bench.registry import register_task
 from ssl_bench.results import ResultRow
+from ssl_bench.runtime import strict_fp32
 
 log = logging.getLogger(__name__)
 
@@ -375,10 +376,12 @@ def run(ctx: TaskContext, params: KnnParams) -> list[ResultRow]:
     val = ctx.features("val", params.feature, params.transform)
     if train.features.ndim != 2:
         raise UserError(f"kNN needs pooled features (N, D); feature {params.feature!r} gives shape {train.features.shape}")
-    accuracies = knn_classify(
-        train.tensor(ctx.device), torch.from_numpy(train.labels), val.tensor(ctx.device), torch.from_numpy(val.labels),
-        ks=params.ks, temperature=params.temperature, num_classes=ctx.dataset.num_classes, backend=params.backend,
-    )
+    with strict_fp32():  # the protocol's answers are fp32 ones: no TF32 similarities on CUDA
+        accuracies = knn_classify(
+            train.tensor(ctx.device), torch.from_numpy(train.labels), val.tensor(ctx.device),
+            torch.from_numpy(val.labels), ks=params.ks, temperature=params.temperature,
+            num_classes=ctx.dataset.num_classes, backend=params.backend,
+        )
     chosen = best_k(accuracies)
     # The cache stores fp16 unless values overflow it; the reference classifies fp32 features, so record which.
     base = {
