@@ -236,10 +236,10 @@ class Trainer:
                 for key, value in metrics.items():
                     sums[key] = sums.get(key, 0.0) + value
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}")
-            record = {"epoch": epoch, **{k: v / self.steps_per_epoch for k, v in sums.items()},
-                      **self.prototype_stats(), "epoch_s": round(time.time() - start, 2)}
-            record["lr"] = float(self.schedules.lr[(epoch + 1) * self.steps_per_epoch - 1])
             if self.info.is_main:
+                record = {"epoch": epoch, **{k: v / self.steps_per_epoch for k, v in sums.items()},
+                          **self.prototype_stats(), "epoch_s": round(time.time() - start, 2)}
+                record["lr"] = float(self.schedules.lr[(epoch + 1) * self.steps_per_epoch - 1])
                 with open(self.out_dir / LOG_NAME, "a") as handle:
                     handle.write(json.dumps(record) + "\n")
                 save_checkpoint(self.checkpoint_path, config, self.state(epoch + 1))
