@@ -26,6 +26,7 @@ from .centering import make_centering
 from .checkpointing import BACKBONE_NAME, CHECKPOINT_NAME, export_teacher_backbone, load_checkpoint, save_checkpoint
 from .config import PretrainConfig, save_config
 from .dino_loss import dino_cross_entropy
+from .koleo import koleo_loss
 from .monitor import kl_to_uniform, norm_stats, teacher_entropy
 from .multicrop import MultiCropAugmentation, MultiCropDataset, collate_multicrop
 from .network import MultiCropNet, build_student_teacher
@@ -180,6 +181,11 @@ class Trainer:
             student_logits = self._logits(self.student(crops), config.student_temp)
         teacher_probs = self.centering.teacher_probs(teacher_logits, temp)
         loss = dino_cross_entropy(list(student_logits.chunk(len(crops))), list(teacher_probs.chunk(2)))
+        extra: dict[str, float] = {}
+        if config.koleo_weight > 0:
+            koleo = koleo_loss(self.student_module.head.prototype_weights())
+            loss = loss + config.koleo_weight * koleo
+            extra["koleo"] = float(koleo.detach())
         self.centering.update(teacher_logits, temp)
         mean_loss = _all_mean(loss.detach()).item()
         if not math.isfinite(mean_loss):
@@ -200,7 +206,7 @@ class Trainer:
         ema_update(self.teacher, self.student_module, float(self.schedules.momentum[step]))
         return {"loss": mean_loss, "teacher_entropy": float(teacher_entropy(teacher_probs)),
                 "kl_uniform": float(kl_to_uniform(teacher_probs)), "teacher_temp": temp,
-                "lr": float(self.schedules.lr[step]), "wd": float(self.schedules.weight_decay[step])}
+                "lr": float(self.schedules.lr[step]), "wd": float(self.schedules.weight_decay[step]), **extra}
 
     @torch.no_grad()
     def prototype_stats(self) -> dict[str, float]:
