@@ -86,10 +86,26 @@ def _parse_task_options(values: tuple[str, ...], task_names: list[str]) -> dict[
     return per_task
 
 
+def _resolve_data(tasks: list, data: str | None, data_name: str | None, data_root: str | None):
+    """``--data`` for tasks on one labelled dataset; ``--data-root`` for tasks that find their own data under a
+    folder (retrieval, davis, transfer): those declare ``data_root`` in their needs."""
+    from .data import Dataset, resolve_dataset
+
+    rooted = [t.name for t in tasks if "data_root" in t.needs]
+    if rooted and not data_root:
+        raise UserError(f"task(s) {', '.join(rooted)} read their datasets from a folder: give --data-root DIR")
+    if data is None:
+        plain = [t.name for t in tasks if "data_root" not in t.needs]
+        if plain:
+            raise UserError(f"task(s) {', '.join(plain)} need --data (a dataset spec, see `ssl-bench list`)")
+        return Dataset(name=data_name or Path(data_root).name, spec=f"root:{data_root}")
+    return resolve_dataset(data, data_name)
+
+
 def run_evaluation(
     tasks: str,
     model: str | None,
-    data: str,
+    data: str | None,
     ckpt: str | None = None,
     ckpt_key: str = "teacher",
     data_name: str | None = None,
@@ -104,6 +120,7 @@ def run_evaluation(
     method: str = "",
     label: str | None = None,
     seed: int = 0,
+    data_root: str | None = None,
 ) -> list:
     """Score one backbone on one dataset with one or more tasks and append the rows to ``results``."""
     from .backbones import create_backbone
@@ -123,12 +140,12 @@ def run_evaluation(
     torch_device = resolve_device(device)
     info = init_distributed(torch_device)
     seed_everything(seed)
-    dataset = resolve_dataset(data, data_name)
+    dataset = _resolve_data(selected, data, data_name, data_root)
     backbone = create_backbone(model, ckpt, ckpt_key, seed=seed)
     ctx = TaskContext(
         backbone=backbone, dataset=dataset, device=torch_device, batch_size=batch_size, workers=workers,
         precision=precision, cache_dir=Path(cache_dir) if cache_dir else None, use_cache=use_cache,
-        method=method, model_label=label,
+        method=method, model_label=label, extra={"data_root": data_root} if data_root else {},
     )
     rows = run_tasks(params, ctx)
     if info.is_main:
@@ -142,7 +159,9 @@ def run_evaluation(
 @click.option("--model", default=None, help="timm model name, e.g. vit_small_patch16_224 (optional for ssl-bench checkpoints).")
 @click.option("--ckpt", default=None, type=click.Path(dir_okay=False), help="Checkpoint file; random init when absent.")
 @click.option("--ckpt-key", default="teacher", type=click.Choice(["teacher", "student"]), show_default=True)
-@click.option("--data", required=True, help="Dataset spec: builtin:digits, imagefolder:PATH or PATH.")
+@click.option("--data", default=None, help="Dataset spec: builtin:digits, imagefolder:PATH or PATH.")
+@click.option("--data-root", default=None, type=click.Path(file_okay=False),
+              help="Folder under which retrieval / davis / transfer find their datasets.")
 @click.option("--data-name", default=None, help="Name for the dataset in result rows (default: folder name).")
 @click.option("-p", "--opt", "options", multiple=True, help="Task option key=value or task.key=value (repeatable).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1 ...")
@@ -156,11 +175,11 @@ def run_evaluation(
 @click.option("--method", default="", help="Pretraining method recorded in rows (dino, dino-vmf, ...).")
 @click.option("--label", default=None, help="Model name in rows (default: checkpoint file name, or arch at random init).")
 @click.option("--seed", default=0, show_default=True)
-def run_cmd(tasks, model, ckpt, ckpt_key, data, data_name, options, device, batch_size, workers, precision,
+def run_cmd(tasks, model, ckpt, ckpt_key, data, data_root, data_name, options, device, batch_size, workers, precision,
             cache_dir, no_cache, results, method, label, seed) -> None:
     """Score a backbone with one or more tasks; rows are appended to the results CSV."""
     rows = run_evaluation(tasks, model, data, ckpt, ckpt_key, data_name, options, device, batch_size, workers,
-                          precision, cache_dir, not no_cache, results, method, label, seed)
+                          precision, cache_dir, not no_cache, results, method, label, seed, data_root)
     for row in rows:
         click.echo(f"{row.task:<10} {row.dataset:<12} {row.metric:<14} {row.value:8.2f}")
 

@@ -79,6 +79,7 @@ def test_builtin_digits_two_runs_and_the_leaderboard_pivot(tmp_path):
         (["run", "--task", "knn", "--model", TINY, "--data", "builtin:digits", "-p", "ks=ten"], "knn.ks='ten'"),
         (["run", "--task", "knn", "--model", "resnet18", "--ckpt", "MISSING.pth", "--data", "builtin:digits"], "MISSING.pth does not exist"),
         (["leaderboard", "--results-dir", "NO_SUCH_DIR"], "does not exist"),
+        (["run", "--task", "knn", "--model", TINY], "task(s) knn need --data"),
     ],
 )
 def test_bad_inputs_give_one_line_errors(args, message, tmp_path):
