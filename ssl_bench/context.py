@@ -33,12 +33,15 @@ class TaskContext:
     def transform(self, name: str = "eval_dino") -> TransformSpec:
         return TransformSpec(name, self.backbone.input_size)
 
-    def features(self, split: str, spec: FeatureSpec | str = "cls", transform: str | TransformSpec = "eval_dino") -> Features:
+    def features(self, split: str, spec: FeatureSpec | str = "cls", transform: str | TransformSpec = "eval_dino",
+                 dataset: Dataset | None = None) -> Features:
+        """Features of ``split`` of ``dataset`` (default: the run's dataset), through the cache."""
+        dataset = dataset or self.dataset
         transform = self.transform(transform) if isinstance(transform, str) else transform
         return extract(
-            self.backbone, self.dataset.split(split), spec, transform, device=self.device, batch_size=self.batch_size,
+            self.backbone, dataset.split(split), spec, transform, device=self.device, batch_size=self.batch_size,
             workers=self.workers, precision=self.precision, cache_dir=self.cache_dir, use_cache=self.use_cache,
-            desc=f"{self.dataset.name}/{split} {FeatureSpec(spec).text if isinstance(spec, str) else spec.text}",
+            desc=f"{dataset.name}/{split} {FeatureSpec(spec).text if isinstance(spec, str) else spec.text}",
         )
 
     def row(self, task: str, protocol: str, split: str, metric: str, value: float, params: Any = None,
