@@ -4,6 +4,8 @@ Specs:
   builtin:digits      scikit-learn's 8x8 handwritten digits (ships with scikit-learn), stratified 75/25 split
   imagefolder:PATH    ImageNet layout, PATH/train/<class>/*.JPEG and PATH/val/<class>/*.JPEG
   PATH                same as imagefolder:PATH
+  KIND:PATH           a registered kind (``register_dataset_kind``), e.g. the nine transfer datasets
+                      ``aircraft:PATH``, ``cifar10:PATH`` ... of ``ssl_bench.transfer_data``
 """
 
 from __future__ import annotations
@@ -105,6 +107,7 @@ class Dataset:
     name: str
     spec: str
     splits: dict[str, ImageSplit] = field(default_factory=dict)
+    metric: str = "accuracy"  # the score a linear probe reports: "accuracy" or "mean_per_class"
 
     def split(self, name: str) -> ImageSplit:
         if name not in self.splits:
@@ -181,8 +184,42 @@ def image_folder(root: str | os.PathLike, name: str | None = None, splits: tuple
     return dataset
 
 
+@dataclass(frozen=True)
+class DatasetKind:
+    """A spec prefix ``KIND:PATH`` and the function that turns ``PATH`` (and an optional name) into a Dataset."""
+
+    kind: str
+    load: Callable[[str, str | None], Dataset]
+    usage: str
+    description: str = ""
+
+
+_DATASET_KINDS: dict[str, DatasetKind] = {}
+# Modules that register kinds when imported; imported lazily so that ``data`` itself imports none of them.
+_KIND_MODULES: list[str] = ["ssl_bench.transfer_data"]
+_RESERVED_KINDS = ("builtin", "imagefolder")
+
+
+def register_dataset_kind(kind: str, load: Callable[[str, str | None], Dataset], usage: str | None = None,
+                          description: str = "") -> None:
+    """Make ``resolve_dataset("KIND:PATH")`` call ``load(PATH, name)``; re-registering a kind replaces it."""
+    if kind in _RESERVED_KINDS or not kind.isidentifier():
+        raise ValueError(f"dataset kind {kind!r} is reserved or not an identifier")
+    _DATASET_KINDS[kind] = DatasetKind(kind, load, usage or f"{kind}:PATH", description)
+
+
+def registered_dataset_kinds() -> dict[str, DatasetKind]:
+    import importlib
+
+    for module in list(_KIND_MODULES):
+        importlib.import_module(module)
+        _KIND_MODULES.remove(module)
+    return dict(_DATASET_KINDS)
+
+
 def dataset_kinds() -> list[str]:
-    return [f"builtin:{name}" for name in BUILTIN_DATASETS] + ["imagefolder:PATH", "PATH (an ImageFolder root)"]
+    extra = [f"{k.usage} ({k.description})" if k.description else k.usage for k in registered_dataset_kinds().values()]
+    return [f"builtin:{name}" for name in BUILTIN_DATASETS] + ["imagefolder:PATH", "PATH (an ImageFolder root)"] + extra
 
 
 def resolve_dataset(spec: str, name: str | None = None) -> Dataset:
@@ -197,6 +234,8 @@ def resolve_dataset(spec: str, name: str | None = None) -> Dataset:
         return dataset
     if sep and kind == "imagefolder":
         return image_folder(rest, name)
+    if sep and kind in registered_dataset_kinds():
+        return _DATASET_KINDS[kind].load(rest, name)
     if Path(spec).is_dir():
         return image_folder(spec, name)
     raise UserError(f"unknown dataset {spec!r}: not a folder and not a known spec; valid: {', '.join(dataset_kinds())}")
