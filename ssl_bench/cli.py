@@ -46,9 +46,7 @@ def list_cmd() -> None:
 
     click.echo("tasks:")
     for task in all_tasks().values():
-        options = ", ".join(
-            f"{f.name}={f.default if f.default is not dataclasses.MISSING else '?'}" for f in dataclasses.fields(task.params)
-        )
+        options = ", ".join(f"{f.name}={_short(f.default)}" for f in dataclasses.fields(task.params))
         click.echo(f"  {task.name:<12} {task.version:<24} {task.description}")
         click.echo(f"  {'':<12} options: {options}")
     click.echo(f"backbones (any of timm's {len(known_models())} model names; created with pretrained=False):")
@@ -63,6 +61,15 @@ def list_cmd() -> None:
     from ssl_bench.pretrain.config import preset_names
 
     click.echo(f"pretraining presets: {', '.join(preset_names())}")
+
+
+def _short(value: object) -> str:
+    """A default as `ssl-bench list` shows it: long sequences by their ends and length."""
+    if value is dataclasses.MISSING:
+        return "?"
+    if isinstance(value, (tuple, list)) and len(value) > 6:
+        return f"({value[0]}, {value[1]}, ..., {value[-1]}: {len(value)} values)"
+    return str(value)
 
 
 def _parse_task_options(values: tuple[str, ...], task_names: list[str]) -> dict[str, dict[str, str]]:
