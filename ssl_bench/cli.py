@@ -152,7 +152,7 @@ def run_evaluation(
     ctx = TaskContext(
         backbone=backbone, dataset=dataset, device=torch_device, batch_size=batch_size, workers=workers,
         precision=precision, cache_dir=Path(cache_dir) if cache_dir else None, use_cache=use_cache,
-        method=method, model_label=label, extra={"data_root": data_root} if data_root else {},
+        method=method, model_label=label, extra={"results": results, **({"data_root": data_root} if data_root else {})},
     )
     rows = run_tasks(params, ctx)
     if info.is_main:
