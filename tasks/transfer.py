@@ -1,0 +1,145 @@
+"""Linear probes on the nine small transfer datasets (protocols.md §5): L2 strength chosen by 5-fold stratified
+cross-validation over 45 values (DINO-vMF A.6.3, §5.5), or ssl-transfer's single hold-out split (§5.4)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import sklearn
+import torch
+from sklearn.model_selection import StratifiedKFold
+
+from ssl_bench.context import TaskContext
+from ssl_bench.data import Dataset
+from ssl_bench.errors import UserError
+from ssl_bench.logreg import fit_logistic, fit_path
+from ssl_bench.registry import register_task
+from ssl_bench.results import ResultRow
+from ssl_bench.transfer_data import TRANSFER_DATASETS, find_transfer_datasets
+
+log = logging.getLogger(__name__)
+
+PROTOCOLS = {"cv5": "transfer-cv5-v1", "sslt-holdout": "transfer-sslt-holdout-v1"}
+
+
+def weight_decay_grid(count: int = 45) -> np.ndarray:
+    """10^linspace(-6, 5, count) read as weight decay; the classifier's C is 1 / wd (§5.3, §12.3)."""
+    return np.logspace(-6, 5, count)
+
+
+def score(y_true: np.ndarray, y_pred: np.ndarray, metric: str) -> float:
+    """Accuracy, or mean per-class accuracy over the classes of the confusion matrix (true and predicted labels,
+    as sklearn's ``confusion_matrix``) that have true samples: a class absent from a fold's held-out part is
+    skipped instead of making the mean NaN (§5.6)."""
+    if metric == "accuracy":
+        return float(np.mean(y_true == y_pred))
+    if metric != "mean_per_class":
+        raise ValueError(f"unknown metric {metric!r}")
+    per_class = [float(np.mean(y_pred[y_true == c] == c)) for c in np.unique(y_true)]
+    return float(np.mean(per_class))
+
+
+def cross_validate(x: torch.Tensor, y: np.ndarray, num_classes: int, weight_decays: np.ndarray, metric: str,
+                   folds: int, seed: int, max_iter: int, name: str = "") -> np.ndarray:
+    """Mean held-out score of every weight decay over stratified folds, shape (len(weight_decays),)."""
+    counts = np.bincount(y, minlength=num_classes)
+    if counts[counts > 0].min() < folds:
+        raise UserError(f"{name}: {folds}-fold stratified CV needs at least {folds} images per class; the smallest class "
+                        f"has {counts[counts > 0].min()}")
+    cs = 1.0 / weight_decays
+    scores = np.zeros((folds, len(cs)))
+    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    for fold, (fit_idx, held_idx) in enumerate(splitter.split(np.zeros(len(y)), y)):
+        models = fit_path(x[fit_idx], torch.from_numpy(y[fit_idx]), num_classes, cs, max_iter=max_iter)
+        for i, model in enumerate(models):
+            scores[fold, i] = score(y[held_idx], model.predict(x[held_idx]).cpu().numpy(), metric)
+    return scores.mean(axis=0)
+
+
+@dataclass
+class TransferParams:
+    protocol: str = "cv5"  # cv5 (paper) | sslt-holdout (ssl-transfer's code path)
+    folds: int = 5
+    grid: int = 45
+    datasets: tuple[str, ...] = ()  # default: every one of the nine found under --data-root
+    feature: str = "cls"
+    transform: str = "eval_sslt"
+    max_iter: int = 1000
+    seed: int = 0
+
+
+def _features(ctx: TaskContext, dataset: Dataset, split: str, params: TransferParams) -> tuple[torch.Tensor, np.ndarray]:
+    feats = ctx.features(split, params.feature, params.transform, dataset=dataset)
+    return feats.tensor(ctx.device).double(), np.asarray(feats.labels)
+
+
+def evaluate_dataset(ctx: TaskContext, dataset: Dataset, params: TransferParams) -> tuple[float, dict]:
+    """Test score (x100) with the selected C, and what was selected."""
+    decays = weight_decay_grid(params.grid)
+    num_classes = dataset.num_classes
+    metric = dataset.metric
+    if params.protocol == "cv5":
+        x, y = _features(ctx, dataset, "trainval", params)
+        mean_scores = cross_validate(x, y, num_classes, decays, metric, params.folds, params.seed, params.max_iter,
+                                     dataset.name)
+        best = int(np.argmax(mean_scores))  # first maximum: ties go to the smaller wd (larger C)
+        model = fit_logistic(x, torch.from_numpy(y), num_classes, 1.0 / decays[best], max_iter=params.max_iter)
+        selection = {"cv_scores": [round(float(s), 5) for s in mean_scores]}
+    else:  # sslt: fit on train along decreasing C (warm start), pick on val, refit on trainval warm-started
+        x_train, y_train = _features(ctx, dataset, "train", params)
+        x_val, y_val = _features(ctx, dataset, "val", params)
+        # decreasing C in the given order, each fit warm-started from the previous one, sklearn's default budget
+        models = fit_path(x_train, torch.from_numpy(y_train), num_classes, 1.0 / decays, max_iter=100, tol=1e-4,
+                          sort=False)
+        val_scores = [score(y_val, m.predict(x_val).cpu().numpy(), metric) for m in models]
+        best = 0
+        for i, value in enumerate(val_scores):
+            if value > val_scores[best]:  # the first strictly greater score wins (§5.4)
+                best = i
+        x, y = _features(ctx, dataset, "trainval", params)
+        model = fit_logistic(x, torch.from_numpy(y), num_classes, 1.0 / decays[best], max_iter=100, tol=1e-4,
+                             init=models[-1])
+        selection = {"val_scores": [round(float(s), 5) for s in val_scores]}
+    x_test, y_test = _features(ctx, dataset, "test", params)
+    value = 100.0 * score(y_test, model.predict(x_test).cpu().numpy(), metric)
+    return value, {"metric": metric, "best_wd": float(decays[best]), "best_C": float(1.0 / decays[best]),
+                   "n_trainval": int(len(y)), **selection}
+
+
+@register_task("transfer", version=PROTOCOLS["cv5"], params=TransferParams, needs=("data_root",),
+               description="linear probes on the nine transfer datasets, L2 by 5-fold CV (or sslt hold-out)")
+def run(ctx: TaskContext, params: TransferParams) -> list[ResultRow]:
+    if params.protocol not in PROTOCOLS:
+        raise UserError(f"transfer protocol {params.protocol!r}; expected one of {', '.join(PROTOCOLS)}")
+    found = find_transfer_datasets(ctx.extra["data_root"])
+    wanted = list(params.datasets) or list(TRANSFER_DATASETS)
+    unknown = sorted(set(wanted) - set(TRANSFER_DATASETS))
+    if unknown:
+        raise UserError(f"unknown transfer dataset(s) {', '.join(unknown)}; valid: {', '.join(TRANSFER_DATASETS)}")
+    missing = [k for k in wanted if k not in found]
+    if params.datasets and missing:
+        raise UserError(f"{', '.join(missing)} not found under {ctx.extra['data_root']}")
+    if not [k for k in wanted if k in found]:
+        raise UserError(f"none of the transfer datasets found under {ctx.extra['data_root']}")
+    protocol = PROTOCOLS[params.protocol]
+    base = {"protocol": params.protocol, "grid": "wd=10^linspace(-6,5,%d), C=1/wd" % params.grid,
+            "feature": params.feature, "transform": params.transform, "folds": params.folds, "seed": params.seed,
+            "sklearn": sklearn.__version__}
+    rows, values = [], {}
+    for key in wanted:
+        if key not in found:
+            continue
+        value, details = evaluate_dataset(ctx, found[key], params)
+        values[key] = value
+        log.info("transfer %s: %.2f (%s, C=%g)", key, value, details["metric"], details["best_C"])
+        rows.append(ctx.row(task="transfer", protocol=protocol, split="test", metric="score", value=value,
+                            params={**base, **details}, dataset=key, n=None))
+    if missing:
+        log.warning("transfer: %s not found under %s; no nine-dataset average", ", ".join(missing), ctx.extra["data_root"])
+    elif len(values) == len(TRANSFER_DATASETS):
+        rows.append(ctx.row(task="transfer", protocol=protocol, split="test", metric="score",
+                            value=float(np.mean(list(values.values()))), params={**base, "datasets": list(values)},
+                            dataset="average"))
+    return rows
