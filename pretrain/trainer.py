@@ -20,7 +20,7 @@ from ssl_bench.data import resolve_dataset
 from ssl_bench.errors import UserError
 from ssl_bench.io import atomic_write_text
 from ssl_bench.prototypes import unique_prototypes
-from ssl_bench.runtime import dist_info, init_distributed, resolve_device
+from ssl_bench.runtime import dist_info, init_distributed, resolve_device, resolve_precision
 
 from .centering import make_centering
 from .checkpointing import BACKBONE_NAME, CHECKPOINT_NAME, export_teacher_backbone, load_checkpoint, save_checkpoint
@@ -112,8 +112,7 @@ class Trainer:
         self.config, self.data, self.out_dir = config, data, Path(out_dir)
         self.device = resolve_device(device)
         self.info = init_distributed(self.device)
-        self.precision = config.precision if config.precision != "auto" else (
-            "bf16" if self.device.type == "cuda" else "fp32")
+        self.precision = resolve_precision(config.precision, self.device)
         self.dataset, self.sampler, self.loader = _make_loader(config, data, self.info.world_size, self.info.rank,
                                                                self.device)
         self.steps_per_epoch = len(self.loader)

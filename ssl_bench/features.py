@@ -23,7 +23,7 @@ from .backbones import Backbone
 from .data import ImageSplit
 from .errors import UserError
 from .io import atomic_write_text
-from .runtime import dist_info
+from .runtime import dist_info, resolve_precision
 from .transforms import TransformSpec
 
 log = logging.getLogger(__name__)
@@ -208,10 +208,7 @@ def extract(
     spec = FeatureSpec(spec) if isinstance(spec, str) else spec
     transform = transform or TransformSpec("eval_dino", backbone.input_size)
     device = torch.device(device)
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
-    if precision not in ("fp32", "bf16"):
-        raise UserError(f"precision {precision!r}; expected fp32, bf16 or auto")
+    precision = resolve_precision(precision, device)
     use_cache = use_cache and transform.deterministic
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     fields = cache_key_fields(backbone, split, transform, spec, precision)

@@ -58,6 +58,17 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` = bf16 autocast on CUDA, fp32 elsewhere."""
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    if precision not in ("fp32", "bf16"):
+        from .errors import UserError
+
+        raise UserError(f"precision {precision!r}; expected fp32, bf16 or auto")
+    return precision
+
+
 @contextlib.contextmanager
 def strict_fp32() -> Iterator[None]:
     """Full-precision float32 matrix products on CUDA inside the block (no TF32), whatever the process set."""

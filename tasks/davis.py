@@ -42,7 +42,7 @@ from ssl_bench.errors import UserError
 from ssl_bench.palette import read_label_png, save_label_png
 from ssl_bench.registry import register_task
 from ssl_bench.results import ResultRow
-from ssl_bench.runtime import dist_info, strict_fp32
+from ssl_bench.runtime import dist_info, resolve_precision, strict_fp32
 
 log = logging.getLogger(__name__)
 
@@ -374,14 +374,6 @@ def default_out_dir(ctx: TaskContext) -> Path:
     return runs / f"davis-{_slug(ctx.model_label or ctx.backbone.label)}"
 
 
-def _resolve_precision(precision: str, device: torch.device) -> str:
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    if precision not in ("fp32", "bf16"):
-        raise UserError(f"precision {precision!r}; expected fp32, bf16 or auto")
-    return precision
-
-
 def _barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
@@ -405,7 +397,7 @@ def run(ctx: TaskContext, params: DavisParams) -> list[ResultRow]:
     sequences = layout.sequences(params.split)
     videos = {seq: (layout.frames(seq), layout.first_annotation(seq)) for seq in sequences}  # fail before any work
     out_dir = Path(params.out_dir) if params.out_dir else default_out_dir(ctx)
-    precision = _resolve_precision(ctx.precision, ctx.device)
+    precision = resolve_precision(ctx.precision, ctx.device)
     ctx.backbone.model.to(ctx.device).eval()
     info = dist_info()
     mine = sequences[info.rank::info.world_size]

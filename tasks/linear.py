@@ -58,7 +58,7 @@ from ssl_bench.features import FeatureSpec, _autocast, compute_features, default
 from ssl_bench.io import atomic_write
 from ssl_bench.registry import register_task
 from ssl_bench.results import ResultRow
-from ssl_bench.runtime import dist_info, strict_fp32
+from ssl_bench.runtime import dist_info, resolve_precision, strict_fp32
 from ssl_bench.transforms import TransformSpec
 
 log = logging.getLogger(__name__)
@@ -351,14 +351,6 @@ class LinearParams:
     state_dir: str = "auto"  # resume state; auto = <feature cache>/linear-state (off with --no-cache); none = off
 
 
-def _resolve_precision(precision: str, device: torch.device) -> str:
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    if precision not in ("fp32", "bf16"):
-        raise UserError(f"precision {precision!r}; expected fp32, bf16 or auto")
-    return precision
-
-
 def _state_root(ctx: TaskContext, params: LinearParams) -> Path | None:
     if params.state_dir.lower() in ("none", "off", ""):
         return None
@@ -382,7 +374,7 @@ def run(ctx: TaskContext, params: LinearParams) -> list[ResultRow]:
     total_batch = params.batch_size * info.world_size
     scale = total_batch / LR_REFERENCE_BATCH
     lrs = [lr * scale for lr in params.lrs]
-    precision = _resolve_precision(ctx.precision, ctx.device)
+    precision = resolve_precision(ctx.precision, ctx.device)
     protocol = LINEAR_FAST_VERSION if params.fast else LINEAR_VERSION
     suffix = FAST_METRIC_SUFFIX if params.fast else ""
     val_transform = ctx.transform("eval_dino")

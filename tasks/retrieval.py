@@ -42,7 +42,7 @@ from ssl_bench.io import atomic_write_text, sha256_file
 from ssl_bench.registry import register_task
 from ssl_bench.results import ResultRow
 from ssl_bench.retrieval_metrics import DEFAULT_KAPPAS, PROTOCOLS, evaluate_protocols, rank_database
-from ssl_bench.runtime import dist_info
+from ssl_bench.runtime import dist_info, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -266,7 +266,7 @@ def extract_features(
 
     Under torchrun each rank runs every world_size-th image and the rows are gathered on every rank."""
     device = torch.device(device)
-    precision = _resolve_precision(precision, device)
+    precision = resolve_precision(precision, device)
     if boxes is not None and len(boxes) != len(paths):
         raise ValueError(f"{len(boxes)} boxes for {len(paths)} images")
     info = dist_info()
@@ -276,14 +276,6 @@ def extract_features(
     # dino normalises every DB and query row once more after extraction; a no-op up to rounding here.
     norms = np.linalg.norm(features, axis=1, keepdims=True)
     return features / np.maximum(norms, 1e-12)
-
-
-def _resolve_precision(precision: str, device: torch.device) -> str:
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    if precision not in ("fp32", "bf16"):
-        raise UserError(f"precision {precision!r}; expected fp32, bf16 or auto")
-    return precision
 
 
 # --- feature cache ------------------------------------------------------------------------------------------------
@@ -309,7 +301,7 @@ def cached_features(
     extraction settings (Pillow's version included: its thumbnail changed across versions). Returns (features,
     whether they came from the cache)."""
     device = torch.device(device)
-    precision = _resolve_precision(precision, device)
+    precision = resolve_precision(precision, device)
     fields = {
         "kind": "revisitop-retrieval", "extraction_version": EXTRACTION_VERSION, "weights": backbone.weights_id(),
         "images_sha256": _images_sha256(paths, boxes), "n_images": len(paths), "imsize": imsize,
@@ -407,7 +399,7 @@ def run(ctx: TaskContext, params: RetrievalParams) -> list[ResultRow]:
     root = data_root(ctx)
     settings = {name: dataset_settings(name, params) for name in params.datasets}
     sets = {name: load_retrieval_set(root, name) for name in params.datasets}  # every layout checked before any model run
-    precision = _resolve_precision(ctx.precision, ctx.device)
+    precision = resolve_precision(ctx.precision, ctx.device)
     rows: list[ResultRow] = []
     for name, data in sets.items():
         setting = settings[name]
