@@ -171,6 +171,8 @@ def run_evaluation(
               help="Folder under which retrieval / davis / transfer find their datasets.")
 @click.option("--data-name", default=None, help="Name for the dataset in result rows (default: folder name).")
 @click.option("-p", "--opt", "options", multiple=True, help="Task option key=value or task.key=value (repeatable).")
+@click.option("--split-file", "split_files", multiple=True, type=click.Path(dir_okay=False),
+              help="fewshot: a split file in MSN's line format (repeatable; same as -p fewshot.split_file=...).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1 ...")
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
 @click.option("--workers", default=min(8, os.cpu_count() or 1), show_default=True, type=click.IntRange(min=0))
@@ -182,9 +184,11 @@ def run_evaluation(
 @click.option("--method", default="", help="Pretraining method recorded in rows (dino, dino-vmf, ...).")
 @click.option("--label", default=None, help="Model name in rows (default: checkpoint file name, or arch at random init).")
 @click.option("--seed", default=0, show_default=True)
-def run_cmd(tasks, model, ckpt, ckpt_key, data, data_root, data_name, options, device, batch_size, workers, precision,
-            cache_dir, no_cache, results, method, label, seed) -> None:
+def run_cmd(tasks, model, ckpt, ckpt_key, data, data_root, data_name, options, split_files, device, batch_size, workers,
+            precision, cache_dir, no_cache, results, method, label, seed) -> None:
     """Score a backbone with one or more tasks; rows are appended to the results CSV."""
+    if split_files:
+        options = (*options, f"fewshot.split_file={','.join(split_files)}")
     rows = run_evaluation(tasks, model, data, ckpt, ckpt_key, data_name, options, device, batch_size, workers,
                           precision, cache_dir, not no_cache, results, method, label, seed, data_root)
     for row in rows:

@@ -311,3 +311,17 @@ def test_cli_bad_split_line_is_a_one_line_error(replica, tmp_path):
     assert out.exit_code != 0 and "Traceback" not in out.output
     assert f"{bad}, line 1" in out.output or f"{bad}, line 2" in out.output
     assert not (tmp_path / "r.csv").exists()
+
+
+def test_cli_split_file_flag(replica, tmp_path):
+    names = train_names(replica)
+    files = [write_lines(tmp_path / f"{s}.txt", [names[w][s] for w in WNIDS]) for s in (0, 1)]
+    results = tmp_path / "runs.csv"
+    out = CliRunner().invoke(cli, ["-q", "run", "--task", "fewshot", "--model", "vit_nano_patch4_32", "--data",
+                                   str(replica), "--split-file", str(files[0]), "--split-file", str(files[1]),
+                                   "--workers", "0", "--cache-dir", str(tmp_path / "cache"), "--results",
+                                   str(results)], catch_exceptions=False)
+    assert out.exit_code == 0, out.output
+    rows = read_rows(results)
+    assert [r.metric for r in rows] == ["top1_1shot"] and rows[0].std is not None
+    assert len(rows[0].params["splits"]) == 2 and len(rows[0].params["per_split_top1"]) == 2
