@@ -18,8 +18,8 @@ from PIL import Image
 
 from ssl_bench.backbones import create_backbone
 from ssl_bench.data import resolve_dataset
-from ssl_bench.features import FeatureSpec, _autocast, compute_features, extract
-from ssl_bench.runtime import resolve_device
+from ssl_bench.features import FeatureSpec, compute_features, extract
+from ssl_bench.runtime import autocast, resolve_device
 
 
 def model_only(backbone, device, precision: str, batch: int, steps: int) -> float:
@@ -27,7 +27,7 @@ def model_only(backbone, device, precision: str, batch: int, steps: int) -> floa
     images = torch.randn(batch, 3, size, size, device=device)
     model = backbone.model.to(device).eval()
     spec = FeatureSpec("cls")
-    with torch.inference_mode(), _autocast(device, precision):
+    with torch.inference_mode(), autocast(device, precision):
         for _ in range(2):
             compute_features(backbone, images, spec)
         if device.type == "cuda":

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -20,7 +19,7 @@ from ssl_bench.data import resolve_dataset
 from ssl_bench.errors import UserError
 from ssl_bench.io import atomic_write_text
 from ssl_bench.prototypes import unique_prototypes
-from ssl_bench.runtime import dist_info, init_distributed, resolve_device, resolve_precision
+from ssl_bench.runtime import autocast, dist_info, init_distributed, resolve_device, resolve_precision
 
 from .centering import make_centering
 from .checkpointing import BACKBONE_NAME, CHECKPOINT_NAME, export_teacher_backbone, load_checkpoint, save_checkpoint
@@ -29,7 +28,7 @@ from .dino_loss import dino_cross_entropy
 from .koleo import koleo_loss
 from .monitor import kl_to_uniform, norm_stats, teacher_entropy
 from .multicrop import MultiCropAugmentation, MultiCropDataset, collate_multicrop
-from .network import MultiCropNet, build_student_teacher
+from .network import build_student_teacher
 from .schedules import cosine_schedule, teacher_temperature
 from .vmf import prototype_logits
 
@@ -74,11 +73,6 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
     torch._foreach_mul_(teacher_params, momentum)
     torch._foreach_add_(teacher_params, student_params, alpha=1.0 - momentum)
 
-
-def _autocast(device: torch.device, precision: str):
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def _all_mean(value: torch.Tensor) -> torch.Tensor:
@@ -174,7 +168,7 @@ class Trainer:
                                    config.warmup_teacher_temp_epochs)
         torch.manual_seed(config.seed * 1_000_003 + step)  # drop path: same draws whatever the resume point
         crops = [c.to(self.device, non_blocking=True) for c in crops]
-        with _autocast(self.device, self.precision):
+        with autocast(self.device, self.precision):
             with torch.no_grad():
                 teacher_logits = self._logits(self.teacher(crops[:2]), temp)
             student_logits = self._logits(self.student(crops), config.student_temp)

@@ -3,7 +3,6 @@ and a content-addressed on-disk cache so a second task on the same features neve
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -23,7 +22,7 @@ from .backbones import Backbone
 from .data import ImageSplit
 from .errors import UserError
 from .io import atomic_write_text
-from .runtime import dist_info, resolve_precision
+from .runtime import autocast, barrier, dist_info, resolve_precision
 from .transforms import TransformSpec
 
 log = logging.getLogger(__name__)
@@ -136,11 +135,6 @@ def cache_key(fields: dict) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
-def _autocast(device: torch.device, precision: str):
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
 
 def _shard(n: int, info) -> np.ndarray:
     return np.array_split(np.arange(n), info.world_size)[info.rank]
@@ -156,7 +150,7 @@ def _run_model(
     )
     model = backbone.model.to(device).eval()
     chunks: list[np.ndarray] = []
-    with torch.inference_mode(), _autocast(device, precision):
+    with torch.inference_mode(), autocast(device, precision):
         for images, _, _ in tqdm(loader, desc=desc, disable=not dist_info().is_main, leave=False):
             out = compute_features(backbone, images.to(device, non_blocking=True), spec)
             chunks.append(out.float().cpu().numpy())
@@ -177,10 +171,6 @@ def _shared_tmpdir(parent: Path) -> Path:
         dist.broadcast_object_list(holder, src=0)
     return Path(holder[0])
 
-
-def _barrier() -> None:
-    if dist_info().world_size > 1:
-        dist.barrier()
 
 
 def _read_entry(entry: Path) -> Features:
@@ -225,7 +215,7 @@ def extract(
     indices = _shard(len(split), info)
     shard = _run_model(backbone, split, transform, spec, device, precision, batch_size, workers, indices, desc)
     np.save(scratch / f"shard-{info.rank:05d}.npy", shard)
-    _barrier()
+    barrier()
     if info.is_main:
         shards = [np.load(scratch / f"shard-{r:05d}.npy") for r in range(info.world_size)]
         features = np.concatenate([s for s in shards if s.size]) if any(s.size for s in shards) else shards[0]
@@ -245,14 +235,14 @@ def extract(
                 os.rename(scratch, entry)  # atomic publish; another process may have won the race
             except OSError:
                 pass
-    _barrier()
+    barrier()
     if use_cache and (entry / "meta.json").is_file():
         result = _read_entry(entry)
     else:
         result = _read_entry(scratch)
         result.features = np.array(result.features)
     result.cached = False
-    _barrier()
+    barrier()
     if info.is_main and scratch.exists():
         shutil.rmtree(scratch, ignore_errors=True)
     return result

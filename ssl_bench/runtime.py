@@ -69,6 +69,19 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast for ``precision == "bf16"`` (a resolved precision), nothing for fp32."""
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def barrier() -> None:
+    """Wait for every rank, when running under torch.distributed; no-op otherwise."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
 @contextlib.contextmanager
 def strict_fp32() -> Iterator[None]:
     """Full-precision float32 matrix products on CUDA inside the block (no TF32), whatever the process set."""

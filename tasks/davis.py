@@ -29,7 +29,6 @@ import cv2
 import numpy as np
 import PIL
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
@@ -42,7 +41,7 @@ from ssl_bench.errors import UserError
 from ssl_bench.palette import read_label_png, save_label_png
 from ssl_bench.registry import register_task
 from ssl_bench.results import ResultRow
-from ssl_bench.runtime import dist_info, resolve_precision, strict_fp32
+from ssl_bench.runtime import autocast, barrier, dist_info, resolve_precision, strict_fp32
 
 log = logging.getLogger(__name__)
 
@@ -256,11 +255,6 @@ def soft_to_labels(soft: torch.Tensor, grid: tuple[int, int], patch: int) -> tor
 
 # --------------------------------------------------------------------------------------------- one video
 
-def _autocast(device: torch.device, precision: str):
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return torch.autocast(device_type=device.type, enabled=False)
-
 
 def _frame_batches(paths: Sequence[Path], scale_size: int, batch: int, pool: ThreadPoolExecutor
                    ) -> Iterator[list[tuple[np.ndarray, tuple[int, int]]]]:
@@ -275,7 +269,7 @@ def _frame_batches(paths: Sequence[Path], scale_size: int, batch: int, pool: Thr
 def frame_tokens(backbone: Backbone, frames: np.ndarray, device: torch.device, precision: str) -> torch.Tensor:
     """L2-normalised fp32 patch tokens [B, rows, cols, D] of normalised frames [B, 3, th, tw]."""
     images = torch.from_numpy(frames).to(device, non_blocking=True)
-    with _autocast(device, precision):
+    with autocast(device, precision):
         _, tokens = vit_tokens(backbone, images)
     return F.normalize(tokens.float(), dim=-1)
 
@@ -374,10 +368,6 @@ def default_out_dir(ctx: TaskContext) -> Path:
     return runs / f"davis-{_slug(ctx.model_label or ctx.backbone.label)}"
 
 
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
 
 @register_task(
     "davis", version=DAVIS_VERSION, params=DavisParams, needs=("data_root",),
@@ -406,7 +396,7 @@ def run(ctx: TaskContext, params: DavisParams) -> list[ResultRow]:
         frames += segment_video(ctx.backbone, videos[seq][0], videos[seq][1], out_dir / seq, settings, ctx.device,
                                 precision, workers=max(1, ctx.workers))
     log.info("DAVIS: %d frames of %d sequences written to %s", frames, len(mine), out_dir)
-    _barrier()
+    barrier()
     scores = evaluate(layout, out_dir, sequences)
     if info.is_main:
         paths = write_csvs(scores, out_dir, params.split)

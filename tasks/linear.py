@@ -54,11 +54,11 @@ from tqdm import tqdm
 
 from ssl_bench.context import TaskContext
 from ssl_bench.errors import UserError
-from ssl_bench.features import FeatureSpec, _autocast, compute_features, default_cache_dir
+from ssl_bench.features import FeatureSpec, compute_features, default_cache_dir
 from ssl_bench.io import atomic_write
 from ssl_bench.registry import register_task
 from ssl_bench.results import ResultRow
-from ssl_bench.runtime import dist_info, resolve_precision, strict_fp32
+from ssl_bench.runtime import autocast, dist_info, resolve_precision, strict_fp32
 from ssl_bench.transforms import TransformSpec
 
 log = logging.getLogger(__name__)
@@ -331,7 +331,7 @@ def augmented_batches(
         torch.manual_seed(epoch_seed)
         for images, labels, _ in tqdm(loader, desc=f"linear epoch {epoch + 1}", disable=not dist_info().is_main,
                                       leave=False):
-            with torch.inference_mode(), _autocast(device, precision):
+            with torch.inference_mode(), autocast(device, precision):
                 out = compute_features(backbone, images.to(device, non_blocking=True), spec)
             yield out.float().clone(), labels.to(device, non_blocking=True)  # clone: a normal tensor, autograd-safe
 
