@@ -12,14 +12,22 @@ import yaml
 from ssl_bench.errors import UserError
 from ssl_bench.options import parse_fields
 
+from .masking import BlockMasking
+
 PRESET_DIR = Path(__file__).parent / "presets"
+METHODS = ("dino", "dino-vmf", "ibot", "ibot-vmf")  # ibot*: masked image modelling on top of the [CLS] loss
 NORMALIZATIONS = ("none", "l2", "vmf")
 CENTERINGS = ("logit", "probability")
 
 
 @dataclass
 class PretrainConfig:
-    """DINO / DINO-vMF hyperparameters; defaults are DINO's ViT-S/16 recipe (see the presets for the others)."""
+    """DINO / DINO-vMF / iBOT / iBOT-vMF hyperparameters; defaults are DINO's ViT-S/16 recipe (see the presets).
+
+    The method's name says whether the masked-patch loss runs (ibot, ibot-vmf); the prototype normalisation
+    and the centering are settings of their own, so ablations (e.g. vMF logits with logit centering) are one
+    override away. The -vmf methods' presets set normalization=vmf and centering=probability.
+    """
 
     method: str = "dino"
     arch: str = "vit_small_patch16_224"
@@ -53,6 +61,15 @@ class PretrainConfig:
     n_local: int = 10
     global_scale: tuple[float, float] = (0.4, 1.0)
     local_scale: tuple[float, float] = (0.05, 0.4)
+    # iBOT (methods ibot, ibot-vmf): masked patch loss on the global crops, weighted against the [CLS] loss
+    patch_loss_weight: float = 1.0
+    shared_head: bool = True  # one head (MLP and prototypes) for [CLS] and patch tokens, as iBOT's default
+    patch_out_dim: int = 8192  # prototypes of the patch head when it is not shared
+    warmup_teacher_patch_temp: float = 0.04  # -> teacher_patch_temp over warmup_teacher_temp_epochs
+    teacher_patch_temp: float = 0.07
+    mask_probability: float = 0.5  # per global crop
+    mask_ratio: tuple[float, float] = (0.1, 0.5)  # masked fraction of a masked crop, drawn uniformly
+    mask_aspect: float = 0.3  # block aspect ratios log-uniform in [mask_aspect, 1 / mask_aspect]
     # KoLeo-Proto regulariser on the L2-normalised prototypes (0 = off)
     koleo_weight: float = 0.0
     # runtime
@@ -62,6 +79,8 @@ class PretrainConfig:
     unique_threshold: float = 0.9
 
     def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise UserError(f"method={self.method!r}; expected one of {', '.join(METHODS)}")
         if self.normalization not in NORMALIZATIONS:
             raise UserError(f"normalization={self.normalization!r}; expected one of {', '.join(NORMALIZATIONS)}")
         if self.centering not in CENTERINGS:
@@ -70,8 +89,27 @@ class PretrainConfig:
             raise UserError(f"precision={self.precision!r}; expected auto, fp32 or bf16")
         self.global_scale = tuple(self.global_scale)
         self.local_scale = tuple(self.local_scale)
+        self.mask_ratio = tuple(self.mask_ratio)
+        if self.masked_modeling:
+            try:
+                self.block_masking()
+            except ValueError as error:
+                raise UserError(str(error)) from None
         if self.epochs < 1 or self.batch_size < 1:
             raise UserError("epochs and batch_size must be at least 1")
+
+    @property
+    def masked_modeling(self) -> bool:
+        """Whether the student sees masked global crops and the patch loss is added (iBOT)."""
+        return self.method.startswith("ibot")
+
+    def block_masking(self) -> BlockMasking:
+        return BlockMasking(self.mask_probability, self.mask_ratio, self.mask_aspect)
+
+    @property
+    def patch_prototypes(self) -> int:
+        """K of the patch distributions: the shared head's out_dim, or the separate patch head's."""
+        return self.out_dim if self.shared_head else self.patch_out_dim
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}

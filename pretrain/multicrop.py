@@ -31,6 +31,8 @@ from torchvision.transforms import InterpolationMode
 from ssl_bench.data import ImageSplit
 from ssl_bench.transforms import IMAGENET_MEAN, IMAGENET_STD
 
+from .masking import BlockMasking
+
 __all__ = [
     "MultiCropAugmentation",
     "MultiCropDataset",
@@ -144,16 +146,22 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 
 
 class MultiCropDataset(torch.utils.data.Dataset):
-    """(crops, index) pairs whose crops depend on (seed, epoch, index) only.
+    """(crops, masks, index) triples whose crops and masks depend on (seed, epoch, index) only.
 
-    Worker count, worker seeding, sampler order and the step a run resumed from all leave
-    the crops unchanged. Call :meth:`set_epoch` before each epoch. DataLoader workers hold
-    a copy of the dataset taken when they start, so do not combine this with
+    ``masks`` holds one bool [rows, cols] patch mask per global crop when ``masking`` is given (iBOT: rows x
+    cols = global_size / patch_size), and is empty otherwise. Worker count, worker seeding, sampler order and
+    the step a run resumed from all leave them unchanged. Call :meth:`set_epoch` before each epoch.
+    DataLoader workers hold a copy of the dataset taken when they start, so do not combine this with
     ``persistent_workers=True`` (the workers would keep the old epoch).
     """
 
-    def __init__(self, split: ImageSplit, augmentation: Callable[[Image.Image], list[torch.Tensor]], seed: int = 0) -> None:
+    def __init__(self, split: ImageSplit, augmentation: Callable[[Image.Image], list[torch.Tensor]], seed: int = 0,
+                 masking: BlockMasking | None = None, mask_grid: tuple[int, int] | None = None,
+                 n_masked: int = 2) -> None:
+        if masking is not None and mask_grid is None:
+            raise ValueError("MultiCropDataset: masking needs the global crops' patch grid (mask_grid)")
         self.split, self.augmentation, self.seed = split, augmentation, int(seed)
+        self.masking, self.mask_grid, self.n_masked = masking, mask_grid, n_masked
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -162,25 +170,33 @@ class MultiCropDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.split)
 
-    def __getitem__(self, index: int) -> tuple[list[torch.Tensor], int]:
+    def __getitem__(self, index: int) -> tuple[list[torch.Tensor], list[torch.Tensor], int]:
         index = int(index)
         image = self.split.load_image(index)
+        seed = sample_seed(self.seed, self.epoch, index)
         # fork_rng restores the caller's CPU RNG afterwards, so other consumers are unaffected.
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed(self.seed, self.epoch, index))
+            torch.manual_seed(seed)
             crops = self.augmentation(image)
-        return crops, index
+        masks: list[torch.Tensor] = []
+        if self.masking is not None:
+            rng = np.random.default_rng([seed, 1])  # a stream of its own: masks do not shift the crops' draws
+            masks = [torch.from_numpy(self.masking(*self.mask_grid, rng)) for _ in range(self.n_masked)]
+        return crops, masks, index
 
 
 def collate_multicrop(
-    batch: Sequence[tuple[Sequence[torch.Tensor], int]],
-) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Stack crop i of every sample: ([B, 3, H_i, W_i] per crop position, indices [B] int64)."""
+    batch: Sequence[tuple[Sequence[torch.Tensor], Sequence[torch.Tensor], int]],
+) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+    """Stack crop i (and mask i) of every sample: ([B, 3, H_i, W_i] per crop, [B, rows, cols] per mask, indices [B])."""
     if not batch:
         raise ValueError("collate_multicrop got an empty batch")
-    n_crops = len(batch[0][0])
-    if any(len(crops) != n_crops for crops, _ in batch):
-        raise ValueError(f"every sample must have the same number of crops; got {sorted({len(c) for c, _ in batch})}")
-    stacked = [torch.stack([crops[i] for crops, _ in batch]) for i in range(n_crops)]
-    indices = torch.tensor([int(index) for _, index in batch], dtype=torch.int64)
-    return stacked, indices
+    n_crops, n_masks = len(batch[0][0]), len(batch[0][1])
+    if any(len(crops) != n_crops for crops, _, _ in batch):
+        raise ValueError(f"every sample must have the same number of crops; got {sorted({len(c) for c, _, _ in batch})}")
+    if any(len(masks) != n_masks for _, masks, _ in batch):
+        raise ValueError("every sample must have the same number of masks")
+    stacked = [torch.stack([crops[i] for crops, _, _ in batch]) for i in range(n_crops)]
+    masks = [torch.stack([sample_masks[i] for _, sample_masks, _ in batch]) for i in range(n_masks)]
+    indices = torch.tensor([int(index) for _, _, index in batch], dtype=torch.int64)
+    return stacked, masks, indices

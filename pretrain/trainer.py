@@ -1,4 +1,5 @@
-"""The DINO / DINO-vMF training loop: multi-crop student/teacher, EMA, centering, schedules, exact resume."""
+"""The DINO / DINO-vMF / iBOT / iBOT-vMF training loop: multi-crop student/teacher, EMA, centering, masked
+patch loss, schedules, exact resume."""
 
 from __future__ import annotations
 
@@ -25,12 +26,13 @@ from .centering import make_centering
 from .checkpointing import BACKBONE_NAME, CHECKPOINT_NAME, export_teacher_backbone, load_checkpoint, save_checkpoint
 from .config import PretrainConfig, save_config
 from .dino_loss import dino_cross_entropy
+from .ibot_loss import masked_patch_cross_entropy
 from .koleo import koleo_loss
 from .monitor import kl_to_uniform, norm_stats, teacher_entropy
 from .multicrop import MultiCropAugmentation, MultiCropDataset, collate_multicrop
-from .network import build_student_teacher
+from .network import NetOutput, build_student_teacher
 from .schedules import cosine_schedule, teacher_temperature
-from .vmf import prototype_logits
+from ssl_bench.vmf import prototype_logits
 
 log = logging.getLogger(__name__)
 LOG_NAME = "log.jsonl"
@@ -83,11 +85,18 @@ def _all_mean(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
-def _make_loader(config: PretrainConfig, data: str, world_size: int, rank: int, device: torch.device):
+def _mask_grid(config: PretrainConfig, backbone: nn.Module) -> tuple[int, int]:
+    rows, cols = (config.global_size // p for p in backbone.patch_embed.patch_size)
+    return rows, cols
+
+
+def _make_loader(config: PretrainConfig, data: str, world_size: int, rank: int, device: torch.device,
+                 mask_grid: tuple[int, int] | None):
     split = resolve_dataset(data).split("train")
     augmentation = MultiCropAugmentation(config.global_size, config.local_size, config.n_local,
                                          config.global_scale, config.local_scale)
-    dataset = MultiCropDataset(split, augmentation, seed=config.seed)
+    masking = config.block_masking() if config.masked_modeling else None
+    dataset = MultiCropDataset(split, augmentation, seed=config.seed, masking=masking, mask_grid=mask_grid)
     sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
                                                   seed=config.seed, drop_last=True)
     loader = torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, sampler=sampler,
@@ -107,11 +116,12 @@ class Trainer:
         self.device = resolve_device(device)
         self.info = init_distributed(self.device)
         self.precision = resolve_precision(config.precision, self.device)
-        self.dataset, self.sampler, self.loader = _make_loader(config, data, self.info.world_size, self.info.rank,
-                                                               self.device)
-        self.steps_per_epoch = len(self.loader)
         torch.manual_seed(config.seed)
         student, teacher = build_student_teacher(config)
+        mask_grid = _mask_grid(config, student.backbone) if config.masked_modeling else None
+        self.dataset, self.sampler, self.loader = _make_loader(config, data, self.info.world_size, self.info.rank,
+                                                               self.device, mask_grid)
+        self.steps_per_epoch = len(self.loader)
         self.student_module, self.teacher = student.to(self.device), teacher.to(self.device)
         self.student: nn.Module = self.student_module
         if self.info.world_size > 1:
@@ -119,8 +129,13 @@ class Trainer:
             self.student = nn.parallel.DistributedDataParallel(self.student_module, device_ids=ids)
         self.optimizer = make_optimizer(self.student_module, self.device)
         self.centering = make_centering(config.centering, config.out_dim, config.center_momentum).to(self.device)
+        self.patch_centering = None  # iBOT: the patch distributions are centered apart from the [CLS] ones
+        if config.masked_modeling:
+            self.patch_centering = make_centering(config.centering, config.patch_prototypes,
+                                                  config.center_momentum).to(self.device)
         self.schedules = make_schedules(config, self.steps_per_epoch, self.info.world_size)
-        self.last_layer = set(map(id, self.student_module.head.last_layer_parameters()))
+        heads = [self.student_module.head, self.student_module.patch_head]
+        self.last_layer = {id(p) for head in heads if head is not None for p in head.last_layer_parameters()}
         self.start_epoch = 0
 
     @property
@@ -131,6 +146,7 @@ class Trainer:
         return {
             "student": self.student_module.state_dict(), "teacher": self.teacher.state_dict(),
             "optimizer": self.optimizer.state_dict(), "centering": self.centering.state_dict(),
+            **({"patch_centering": self.patch_centering.state_dict()} if self.patch_centering is not None else {}),
             "epoch": next_epoch, "step": next_epoch * self.steps_per_epoch,
             "torch_rng": torch.get_rng_state(),
         }
@@ -150,6 +166,8 @@ class Trainer:
         self.teacher.load_state_dict(state["teacher"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.centering.load_state_dict(state["centering"])
+        if self.patch_centering is not None:
+            self.patch_centering.load_state_dict(state["patch_centering"])
         torch.set_rng_state(state["torch_rng"])
         self.start_epoch = int(state["epoch"])
         log.info("resumed %s at epoch %d", self.checkpoint_path, self.start_epoch)
@@ -158,7 +176,24 @@ class Trainer:
         return prototype_logits(output.dots.float(), output.norms.float(), temperature,
                                 self.config.normalization, self.config.bottleneck_dim)
 
-    def train_step(self, crops: list[torch.Tensor], epoch: int, step: int) -> dict[str, float]:
+    def _patch_loss(self, teacher: NetOutput, student: NetOutput, masks: torch.Tensor, epoch: int
+                    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """iBOT's patch term: teacher patch distributions (unmasked views, own centering and temperature) as
+        targets at the positions masked in the student's views."""
+        config = self.config
+        temp = teacher_temperature(epoch, config.warmup_teacher_patch_temp, config.teacher_patch_temp,
+                                   config.warmup_teacher_temp_epochs)
+        selected = masks.flatten(1)  # [n_global * B, N]
+        teacher_logits = self._logits(teacher.patch, temp)  # every patch: the centering sees them all
+        targets = self.patch_centering.teacher_probs(teacher_logits.view(*selected.shape, -1)[selected], temp)
+        loss = masked_patch_cross_entropy(self._logits(student.patch, config.student_temp), targets,
+                                          selected.nonzero()[:, 0], selected.shape[0])
+        self.patch_centering.update(teacher_logits, temp)
+        return loss, {"patch_loss": float(loss.detach()), "masked_fraction": float(selected.float().mean())}
+
+    def train_step(self, crops: list[torch.Tensor], epoch: int, step: int,
+                   masks: list[torch.Tensor] | None = None) -> dict[str, float]:
+        """One optimisation step; ``masks`` (iBOT) holds one [B, rows, cols] bool mask per global crop."""
         config = self.config
         for i, group in enumerate(self.optimizer.param_groups):
             group["lr"] = float(self.schedules.lr[step])
@@ -168,13 +203,24 @@ class Trainer:
                                    config.warmup_teacher_temp_epochs)
         torch.manual_seed(config.seed * 1_000_003 + step)  # drop path: same draws whatever the resume point
         crops = [c.to(self.device, non_blocking=True) for c in crops]
+        mask = None
+        if config.masked_modeling:
+            if not masks:
+                raise ValueError("iBOT training steps need the global crops' masks")
+            mask = torch.cat(masks).to(self.device, non_blocking=True)
         with autocast(self.device, self.precision):
             with torch.no_grad():
-                teacher_logits = self._logits(self.teacher(crops[:2]), temp)
-            student_logits = self._logits(self.student(crops), config.student_temp)
+                teacher = self.teacher(crops[:2])
+            student = self.student(crops, mask)
+        teacher_logits = self._logits(teacher.cls, temp)
+        student_logits = self._logits(student.cls, config.student_temp)
         teacher_probs = self.centering.teacher_probs(teacher_logits, temp)
         loss = dino_cross_entropy(list(student_logits.chunk(len(crops))), list(teacher_probs.chunk(2)))
         extra: dict[str, float] = {}
+        if mask is not None:
+            patch_loss, extra = self._patch_loss(teacher, student, mask, epoch)
+            extra["cls_loss"] = float(loss.detach())
+            loss = loss + config.patch_loss_weight * patch_loss
         if config.koleo_weight > 0:
             koleo = koleo_loss(self.student_module.head.prototype_weights())
             loss = loss + config.koleo_weight * koleo
@@ -227,11 +273,11 @@ class Trainer:
             sums: dict[str, float] = {}
             bar = tqdm(self.loader, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not self.info.is_main,
                        leave=False)
-            for it, (crops, _) in enumerate(bar):
+            for it, (crops, masks, _) in enumerate(bar):
                 step = epoch * self.steps_per_epoch + it
                 if stop_at_step is not None and step == stop_at_step:
                     raise SimulatedKill(f"stopped at step {step}")
-                metrics = self.train_step(crops, epoch, step)
+                metrics = self.train_step(crops, epoch, step, masks)
                 for key, value in metrics.items():
                     sums[key] = sums.get(key, 0.0) + value
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}")

@@ -81,3 +81,45 @@ def duplicate_set_sizes(representative: Tensor) -> Tensor:
     """Size of each kept prototype's set (itself plus the prototypes it represents), in index order [n_unique]."""
     kept = representative == torch.arange(representative.numel(), device=representative.device)
     return torch.bincount(representative, minlength=representative.numel())[kept]
+
+
+# --- prototype utilisation (the ``prototypes`` task; DINO-vMF Sec. 5, Fig. 2) ------------------------------------
+
+def void_prototypes(assignments: Tensor, n_prototypes: int) -> Tensor:
+    """Mask [K] of the prototypes that are the assignment (argmax) of no sample; ``assignments`` [N] long."""
+    return torch.bincount(assignments.reshape(-1).cpu(), minlength=n_prototypes) == 0
+
+
+def cosine_to_negative_mean(weights: Tensor, y_mean: Tensor) -> Tensor:
+    """Cosine [K] between each prototype w_k [K, p] and -y_mean [p] (the mean of the L2-normalised outputs y)."""
+    return F.normalize(weights.detach().double(), dim=1) @ F.normalize(-y_mean.detach().double(), dim=0)
+
+
+def kappa_bins(kappa: Tensor, used: Tensor, n_bins: int) -> tuple[Tensor, Tensor]:
+    """Percentile bins of the used prototypes' concentrations kappa [K] (``used`` [K] bool).
+
+    Returns (edges [n_bins + 1] float64: the 0, 1/n, ..., 1 quantiles of kappa[used], linear interpolation;
+    bin [K] long: the bin of each used prototype, -1 for unused ones). Bin i holds edges[i] <= kappa < edges[i+1],
+    the last bin also kappa == edges[-1]; with tied kappas some bins can be empty.
+    """
+    if n_bins < 1:
+        raise ValueError(f"kappa_bins: n_bins must be >= 1, got {n_bins}")
+    kappa = kappa.detach().double().cpu()
+    used = used.cpu()
+    if not bool(used.any()):
+        return torch.full((n_bins + 1,), float("nan"), dtype=torch.float64), torch.full_like(used, -1, dtype=torch.long)
+    edges = torch.quantile(kappa[used], torch.linspace(0, 1, n_bins + 1, dtype=torch.float64))
+    bins = torch.bucketize(kappa, edges[1:-1], right=True)
+    return edges, torch.where(used, bins, torch.full_like(bins, -1))
+
+
+def accuracy_by_bin(prototype_bin: Tensor, assignments: Tensor, correct: Tensor, n_bins: int) -> tuple[Tensor, Tensor]:
+    """Accuracy (%) [n_bins] of the samples whose assigned prototype lies in each bin (nan for a bin without
+    samples) and the number of those samples [n_bins]; ``prototype_bin`` [K] from ``kappa_bins``,
+    ``assignments`` [M] prototype indices, ``correct`` [M] bool."""
+    sample_bin = prototype_bin.cpu()[assignments.cpu()]
+    inside = sample_bin >= 0
+    counts = torch.bincount(sample_bin[inside], minlength=n_bins)
+    hits = torch.bincount(sample_bin[inside], weights=correct.cpu()[inside].double(), minlength=n_bins)
+    accuracy = torch.where(counts > 0, 100.0 * hits / counts.clamp(min=1), torch.full_like(hits, float("nan")))
+    return accuracy, counts

@@ -13,7 +13,7 @@ import torch.multiprocessing as tmp_mp
 
 from ssl_bench.pretrain.centering import LogitCentering, ProbabilityCentering, make_centering
 from ssl_bench.pretrain.dino_loss import dino_cross_entropy
-from ssl_bench.pretrain.head import DINOHead, HeadOutput
+from ssl_bench.dino_head import DINOHead, HeadOutput
 from ssl_bench.pretrain.monitor import kl_to_uniform, norm_stats, teacher_entropy
 
 LN3 = math.log(3.0)

@@ -82,17 +82,17 @@ def test_crops_are_imagenet_normalised():
 
 def test_same_seed_epoch_index_gives_the_same_crops(digits_train):
     dataset = MultiCropDataset(digits_train, MultiCropAugmentation(**TINY), seed=7)
-    first, index = dataset[5]
+    first, _, index = dataset[5]
     torch.manual_seed(123)  # the caller's RNG state must not matter ...
-    again, _ = dataset[5]
+    again, _, _ = dataset[5]
     assert index == 5 and all(torch.equal(a, b) for a, b in zip(first, again))
     state = torch.get_rng_state()
     dataset[6]
     assert torch.equal(state, torch.get_rng_state())  # ... and is left untouched
     dataset.set_epoch(1)
-    next_epoch, _ = dataset[5]
+    next_epoch, _, _ = dataset[5]
     assert not any(torch.equal(a, b) for a, b in zip(first, next_epoch))
-    other_seed, _ = MultiCropDataset(digits_train, MultiCropAugmentation(**TINY), seed=8)[5]
+    other_seed, _, _ = MultiCropDataset(digits_train, MultiCropAugmentation(**TINY), seed=8)[5]
     assert not torch.equal(first[0], other_seed[0])
     assert len({sample_seed(0, 0, 1), sample_seed(0, 1, 0), sample_seed(1, 0, 0)}) == 3
 
@@ -102,7 +102,7 @@ def test_dataloader_worker_count_does_not_change_crops(digits_train):
     dataset.set_epoch(2)
     indices = [0, 9, 4, 17, 3, 11, 8, 2, 30, 21, 5, 1]
 
-    def run(num_workers: int) -> list[tuple[list[torch.Tensor], torch.Tensor]]:
+    def run(num_workers: int) -> list[tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]]:
         loader = torch.utils.data.DataLoader(
             dataset, batch_size=4, sampler=indices, num_workers=num_workers, collate_fn=collate_multicrop
         )
@@ -110,11 +110,11 @@ def test_dataloader_worker_count_does_not_change_crops(digits_train):
 
     serial, parallel = run(0), run(2)
     assert len(serial) == len(parallel) == 3
-    for (crops_a, idx_a), (crops_b, idx_b) in zip(serial, parallel):
+    for (crops_a, _, idx_a), (crops_b, _, idx_b) in zip(serial, parallel):
         assert idx_a.tolist() == idx_b.tolist()
         assert all(torch.equal(a, b) for a, b in zip(crops_a, crops_b))
     # A resumed run that starts mid-epoch sees the same crops for the same samples.
-    resumed, idx = collate_multicrop([dataset[i] for i in indices[4:8]])
+    resumed, _, idx = collate_multicrop([dataset[i] for i in indices[4:8]])
     assert idx.tolist() == indices[4:8] and all(torch.equal(a, b) for a, b in zip(resumed, serial[1][0]))
 
 
@@ -128,7 +128,7 @@ def test_first_global_crop_is_always_blurred():
     first, second = [], []
     for epoch in range(20):
         dataset.set_epoch(epoch)
-        crops, _ = dataset[0]
+        crops, _, _ = dataset[0]
         first.append(_high_frequency(crops[0]))
         second.append(_high_frequency(crops[1]))
     # Unblurred, the measure is >= 0.3 (4.4 at full contrast) unless solarize folds a low-contrast
@@ -146,9 +146,10 @@ def test_tiny_local_crops_are_blurred_without_errors():
 
 def test_collate_stacks_crop_positions():
     crops = [[torch.full((3, 4, 4), float(i)), torch.full((3, 2, 2), float(i))] for i in range(3)]
-    stacked, indices = collate_multicrop([(c, 10 + i) for i, c in enumerate(crops)])
+    stacked, masks, indices = collate_multicrop([(c, [], 10 + i) for i, c in enumerate(crops)])
+    assert masks == []
     assert [tuple(s.shape) for s in stacked] == [(3, 3, 4, 4), (3, 3, 2, 2)]
     assert stacked[1][:, 0, 0, 0].tolist() == [0.0, 1.0, 2.0]
     assert indices.dtype == torch.int64 and indices.tolist() == [10, 11, 12]
     with pytest.raises(ValueError, match="same number of crops"):
-        collate_multicrop([(crops[0], 0), (crops[1][:1], 1)])
+        collate_multicrop([(crops[0], [], 0), (crops[1][:1], [], 1)])

@@ -30,10 +30,16 @@ def data(tmp_path_factory) -> str:
 def _weights(path) -> dict[str, torch.Tensor]:
     state = read_checkpoint(path)
     return {**{f"s.{k}": v for k, v in state["student"].items()}, **{f"t.{k}": v for k, v in state["teacher"].items()},
-            **{f"c.{k}": v for k, v in state["centering"].items()}}
+            **{f"c.{k}": v for k, v in state["centering"].items()},
+            **{f"pc.{k}": v for k, v in state.get("patch_centering", {}).items()}}
 
 
-@pytest.mark.parametrize("overrides", [{}, {"normalization": "l2", "centering": "logit", "drop_path": "0.1"}])
+IBOT_SEPARATE_HEAD = {"method": "ibot", "normalization": "l2", "centering": "logit", "shared_head": "false",
+                      "patch_out_dim": "48", "mask_probability": "1.0"}
+
+
+@pytest.mark.parametrize("overrides", [{}, {"normalization": "l2", "centering": "logit", "drop_path": "0.1"},
+                                       {"method": "ibot-vmf"}, IBOT_SEPARATE_HEAD])
 def test_killed_mid_epoch_and_resumed_equals_uninterrupted(tmp_path, data, overrides):
     config = make_config("tiny_cpu", {**SMALL, **overrides})
     full = pretrain(config, data, tmp_path / "full", device="cpu")  # 2 epochs x 4 steps
@@ -82,20 +88,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ddp_worker(rank: int, port: int, data: str, out: str) -> None:
+def _ddp_worker(rank: int, port: int, data: str, out: str, overrides: dict[str, str]) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    config = make_config("tiny_cpu", {**SMALL, "epochs": "1", "batch_size": "4"})
+    config = make_config("tiny_cpu", {**SMALL, **overrides, "epochs": "1", "batch_size": "4"})
     try:
         pretrain(config, data, out, device="cpu")
     finally:
         torch.distributed.destroy_process_group()
 
 
-def test_two_process_gloo_ddp_matches_one_process_on_the_same_global_batch(tmp_path, data):
-    mp.spawn(_ddp_worker, args=(_free_port(), data, str(tmp_path / "ddp")), nprocs=2)
-    single = pretrain(make_config("tiny_cpu", {**SMALL, "epochs": "1", "batch_size": "8"}), data,
+@pytest.mark.parametrize("overrides", [{}, IBOT_SEPARATE_HEAD])
+def test_two_process_gloo_ddp_matches_one_process_on_the_same_global_batch(tmp_path, data, overrides):
+    mp.spawn(_ddp_worker, args=(_free_port(), data, str(tmp_path / "ddp"), overrides), nprocs=2)
+    single = pretrain(make_config("tiny_cpu", {**SMALL, **overrides, "epochs": "1", "batch_size": "8"}), data,
                       tmp_path / "single", device="cpu")
     a, b = _weights(single), _weights(tmp_path / "ddp" / "checkpoint.pth")
     for key in a:
@@ -103,13 +110,22 @@ def test_two_process_gloo_ddp_matches_one_process_on_the_same_global_batch(tmp_p
 
 
 def test_presets_load_and_overrides_are_typed():
-    assert {"dino_vits16", "dino_vmf_vits16", "dino_vitb16", "dino_vmf_vitb16", "tiny_cpu"} <= set(preset_names())
+    assert {"dino_vits16", "dino_vmf_vits16", "dino_vitb16", "dino_vmf_vitb16", "tiny_cpu", "ibot_vitb16",
+            "ibot_vmf_vitb16", "ibot_tiny_cpu"} <= set(preset_names())
     for name in preset_names():
         assert isinstance(make_config(name), PretrainConfig)
     vitb = make_config("dino_vitb16")
     assert (vitb.normalization, vitb.centering, vitb.arch) == ("l2", "logit", "vit_base_patch16_224")
     vmf = make_config("dino_vmf_vits16", {"epochs": "7", "global_scale": "0.3,1.0"})
     assert (vmf.normalization, vmf.centering, vmf.epochs, vmf.global_scale) == ("vmf", "probability", 7, (0.3, 1.0))
+    ibot, ibot_vmf = make_config("ibot_vitb16"), make_config("ibot_vmf_vitb16")
+    assert (ibot.masked_modeling, ibot.out_dim, ibot.patch_prototypes, ibot.normalization) == (True, 8192, 8192, "l2")
+    assert (ibot_vmf.normalization, ibot_vmf.centering, ibot_vmf.mask_ratio) == ("vmf", "probability", (0.1, 0.5))
+    assert not make_config("dino_vmf_vitb16").masked_modeling
+    with pytest.raises(UserError, match="method='mae'; expected one of dino, dino-vmf, ibot, ibot-vmf"):
+        make_config("tiny_cpu", {"method": "mae"})
+    with pytest.raises(UserError, match="mask ratio"):
+        make_config("ibot_tiny_cpu", {"mask_ratio": "0.5,0.2"})
     with pytest.raises(UserError, match="no option lrr"):
         make_config("tiny_cpu", {"lrr": "1"})
     with pytest.raises(UserError, match="normalization='cosine'; expected one of none, l2, vmf"):

@@ -1,4 +1,4 @@
-"""The vMF normaliser (pretrain/vmf.py) against scipy's Bessel function, its gradients, and the logits it feeds."""
+"""The vMF normaliser (ssl_bench/vmf.py) against scipy's Bessel function, its gradients, and the logits it feeds."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from scipy.special import ive
 
 from ssl_bench.pretrain.centering import make_centering
-from ssl_bench.pretrain.vmf import log_vmf_normaliser, prototype_logits
+from ssl_bench.vmf import log_vmf_normaliser, prototype_logits
 
 
 def _exact_log_cp(kappa: np.ndarray, dim: int) -> np.ndarray:

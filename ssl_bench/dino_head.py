@@ -1,4 +1,5 @@
-"""DINO projection head: MLP -> L2-normalised bottleneck y -> weight-normalised prototypes w_k = g_k * v_k / ||v_k||.
+"""DINO projection head (shared by pretraining and the prototypes task): MLP -> L2-normalised bottleneck y ->
+weight-normalised prototypes w_k = g_k * v_k / ||v_k||.
 
 The head returns the raw dot products <w_k, y> and the prototype norms ||w_k|| separately, so the
 normalisation choice (none | l2 | vmf, see ``vmf.prototype_logits``) is made by the loss, not here.
