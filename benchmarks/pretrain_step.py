@@ -1,7 +1,8 @@
-"""Pretraining step throughput and peak memory: DINO against DINO-vMF on the same model and batch.
+"""Pretraining step throughput and peak memory: DINO, DINO-vMF, iBOT and iBOT-vMF on the same model and batch.
 
 Each configuration runs in its own process (clean peak memory); crops are random tensors of the preset's
-sizes, so the figure is the training step alone (forward, loss, backward, AdamW, EMA), not the data pipeline.
+sizes (and, for iBOT, block masks of the preset's settings), so the figure is the training step alone (forward,
+loss, backward, AdamW, EMA), not the data pipeline. Ratios are against DINO in the same run.
 
     python benchmarks/pretrain_step.py                       # tiny_cpu and ViT-S/16 on this machine
     python benchmarks/pretrain_step.py --presets dino_vits16 --batch-size 128 --device cuda
@@ -16,9 +17,11 @@ import subprocess
 import sys
 import time
 
-VARIANTS = {  # the two methods differ only in prototype normalisation and centering
-    "dino": {"normalization": "none", "centering": "logit"},
-    "dino-vmf": {"normalization": "vmf", "centering": "probability"},
+VARIANTS = {  # the vMF methods differ from their base only in prototype normalisation and centering
+    "dino": {"method": "dino", "normalization": "none", "centering": "logit"},
+    "dino-vmf": {"method": "dino-vmf", "normalization": "vmf", "centering": "probability"},
+    "ibot": {"method": "ibot", "normalization": "l2", "centering": "logit"},
+    "ibot-vmf": {"method": "ibot-vmf", "normalization": "vmf", "centering": "probability"},
 }
 
 
@@ -39,15 +42,24 @@ def measure(preset: str, variant: str, batch: int, steps: int, device: str, over
         trainer.schedules.lr[:] = 1e-4
         sizes = [config.global_size] * 2 + [config.local_size] * config.n_local
         crops = [torch.randn(batch, 3, s, s) for s in sizes]
+        masks = None
+        if config.masked_modeling:
+            import numpy as np
+
+            from ssl_bench.pretrain.trainer import _mask_grid
+
+            rng, grid, masking = np.random.default_rng(0), _mask_grid(config, trainer.student_module.backbone), \
+                config.block_masking()
+            masks = [torch.from_numpy(np.stack([masking(*grid, rng) for _ in range(batch)])) for _ in range(2)]
         dev = trainer.device
         for step in range(2):  # warm-up
-            trainer.train_step(crops, epoch=0, step=step)
+            trainer.train_step(crops, epoch=0, step=step, masks=masks)
         if dev.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
         for step in range(steps):
-            trainer.train_step(crops, epoch=0, step=step % trainer.steps_per_epoch)
+            trainer.train_step(crops, epoch=0, step=step % trainer.steps_per_epoch, masks=masks)
         if dev.type == "cuda":
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
@@ -64,24 +76,27 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="default: 64 for tiny_cpu, 4 otherwise")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--methods", default=",".join(VARIANTS), help="the first is the ratios' baseline")
     parser.add_argument("--worker", nargs=3, metavar=("PRESET", "VARIANT", "BATCH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         preset, variant, batch = args.worker
         print(json.dumps(measure(preset, variant, int(batch), args.steps, args.device, {})))
         return
-    print(f"{'preset':<16}{'method':<10}{'crops':<16}{'batch':>6}{'img/s':>9}{'s/step':>9}{'peak MiB':>10}{'vMF/DINO':>10}")
+    methods = args.methods.split(",")
+    print(f"{'preset':<16}{'method':<10}{'crops':<16}{'batch':>6}{'img/s':>9}{'s/step':>9}{'peak MiB':>10}"
+          f"{'vs ' + methods[0]:>12}")
     for preset in args.presets.split(","):
         batch = args.batch_size or (64 if preset == "tiny_cpu" else 4)
         results = {}
-        for variant in VARIANTS:
+        for variant in methods:
             out = subprocess.run([sys.executable, __file__, "--worker", preset, variant, str(batch), "--steps",
                                   str(args.steps), "--device", args.device], capture_output=True, text=True, check=True)
             results[variant] = json.loads(out.stdout.strip().splitlines()[-1])
         for variant, r in results.items():
-            ratio = r["images_per_s"] / results["dino"]["images_per_s"]
+            ratio = r["images_per_s"] / results[methods[0]]["images_per_s"]
             print(f"{preset:<16}{variant:<10}{r['crops']:<16}{batch:>6}{r['images_per_s']:>9.1f}{r['step_s']:>9.3f}"
-                  f"{r['peak_mib']:>10.0f}{ratio:>10.2f}")
+                  f"{r['peak_mib']:>10.0f}{ratio:>12.2f}")
 
 
 if __name__ == "__main__":

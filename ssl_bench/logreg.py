@@ -39,6 +39,7 @@ classes this is still the multinomial model (two rows of weights), which is scik
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import math
 from dataclasses import dataclass
@@ -59,6 +60,7 @@ _HISTORY = 20  # L-BFGS memory (pairs)
 # The preconditioner is rebuilt from the current predictions after iteration 5, 10, 20, 40, ... and then every 200;
 # each rebuild also recomputes the logits from scratch (they are otherwise updated in place).
 _REFRESH_FIRST, _REFRESH_MAX_GAP = 5, 200
+_REFRESH_WARM = 20  # first rebuild in a fit that starts with the previous fit's preconditioner
 _PREDICT_ROWS = 8192  # rows per block when predicting: bounds the N x K logits held at once
 _C1, _C2 = 1e-4, 0.9  # strong Wolfe constants
 # Below this many multiply-adds per n x D x K product, CPU fits run on one thread: each iteration is a few dozen
@@ -232,13 +234,19 @@ class _Preconditioner:
     def __init__(self, problem: _Problem, mu: float, h: torch.Tensor) -> None:
         A = (problem.X * (h / (problem.k * problem.n))[:, None]).T @ problem.X
         lam, U = _eigh(A)
-        lam = lam.clamp_min(_FLOOR[problem.dtype] * max(float(lam.max()), 1e-300))
+        self.lam = lam.clamp_min(_FLOOR[problem.dtype] * max(float(lam.max()), 1e-300))
         self.U = U.to(problem.dtype)
-        self.scale = (lam + mu).rsqrt().to(problem.dtype)  # (D,)
+        self.scale = (self.lam + mu).rsqrt().to(problem.dtype)  # (D,)
         a = max(float(h.mean()) / problem.k, 1e-12)
         self.e = a ** -0.5 if problem.fit_intercept else None
         self.kd = problem.k * problem.dim
         self.k, self.dim = problem.k, problem.dim
+
+    def with_mu(self, mu: float) -> "_Preconditioner":
+        """The same curvature for another penalty (the next C of a path): no new eigendecomposition."""
+        other = copy.copy(self)
+        other.scale = (self.lam + mu).rsqrt().to(self.U.dtype)
+        return other
 
     def _split(self, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return v[:self.kd].view(self.k, self.dim), v[self.kd:]
@@ -363,19 +371,24 @@ class _State:
         return max(float(gW.abs().max()), float(self.g_bias.abs().max())) / self.p.grad_scale
 
 
-def _lbfgs(state: _State, max_iter: int, tol: float) -> dict:
-    """Minimise from ``state`` (updated in place); returns a report (iterations, stop reason, ...)."""
+def _lbfgs(state: _State, max_iter: int, tol: float, pre: _Preconditioner | None = None) -> dict:
+    """Minimise from ``state`` (updated in place); returns a report (iterations, stop reason, the last
+    preconditioner, ...). ``pre``: a preconditioner built at this starting point (a warm start's previous fit)."""
     p, mu = state.p, state.mu
     stats = state.recompute()
-    pre = _Preconditioner(p, mu, stats)
+    refreshes = 0
+    if pre is None:
+        pre, refreshes = _Preconditioner(p, mu, stats), 1
+    else:
+        pre = pre.with_mu(mu)
     del stats
     grad = pre.grad_in(state.gW, state.g_bias)
     ftol = 64.0 * torch.finfo(torch.float64).eps  # the objective is accumulated in float64 for either dtype
     S: list[torch.Tensor] = []
     Y: list[torch.Tensor] = []
     RHO: list[float] = []
-    reason, it, evals, refreshes = "max_iter", 0, 1, 1
-    next_refresh = _REFRESH_FIRST
+    reason, it, evals = "max_iter", 0, 1
+    next_refresh = _REFRESH_FIRST if refreshes else _REFRESH_WARM
     gmax = state.grad_rel()
     while True:
         if gmax <= tol:
@@ -472,7 +485,7 @@ def _lbfgs(state: _State, max_iter: int, tol: float) -> dict:
             reason = "ftol"
             break
     return {"n_iter": it, "stop_reason": reason, "grad_rel": gmax, "objective": state.f, "evals": evals,
-            "refreshes": refreshes}
+            "refreshes": refreshes, "preconditioner": pre}
 
 
 @contextlib.contextmanager
@@ -490,7 +503,9 @@ def _threads_for(problem: _Problem) -> Iterator[None]:
         torch.set_num_threads(saved)
 
 
-def _fit_one(problem: _Problem, C: float, max_iter: int, tol: float, init: LogisticModel | None) -> LogisticModel:
+def _fit_one(problem: _Problem, C: float, max_iter: int, tol: float, init: LogisticModel | None,
+             pre: _Preconditioner | None = None) -> tuple[LogisticModel, _Preconditioner]:
+    """One fit; ``pre``: the previous fit's preconditioner when ``init`` is that fit's solution (a path)."""
     if not (C > 0 and math.isfinite(C)):
         raise UserError(f"logistic regression: C must be a positive finite number; got {C}")
     if init is not None:
@@ -505,16 +520,18 @@ def _fit_one(problem: _Problem, C: float, max_iter: int, tol: float, init: Logis
         bias = problem.X.new_zeros(problem.k) if problem.fit_intercept else None
     with strict_fp32(), _threads_for(problem):
         state = _State(problem, 1.0 / (C * problem.n), W, bias)
-        report = _lbfgs(state, max_iter, tol)
+        report = _lbfgs(state, max_iter, tol, pre)
+    pre = report.pop("preconditioner")
     coef, intercept = problem.model_rows(state.W, state.bias)
     converged = report["stop_reason"] in ("gradient", "ftol")
     if not converged:
         log.warning("logistic regression C=%g stopped (%s) after %d iterations with relative gradient %.2e > tol %.1e",
                     C, report["stop_reason"], report["n_iter"], report["grad_rel"], tol)
     log.debug("logistic regression C=%g: %s", C, report)
-    return LogisticModel(coef=coef, intercept=intercept, C=float(C), fit_intercept=problem.fit_intercept,
-                         n_iter=report["n_iter"], converged=converged, stop_reason=report["stop_reason"],
-                         grad_rel=report["grad_rel"], objective=report["objective"])
+    model = LogisticModel(coef=coef, intercept=intercept, C=float(C), fit_intercept=problem.fit_intercept,
+                          n_iter=report["n_iter"], converged=converged, stop_reason=report["stop_reason"],
+                          grad_rel=report["grad_rel"], objective=report["objective"])
+    return model, pre
 
 
 def _problem(X: torch.Tensor, y: torch.Tensor, num_classes: int | None, fit_intercept: bool,
@@ -545,7 +562,7 @@ def fit_logistic(
     and intercept -inf: it is never predicted. ``tol``: relative gradient (module docstring). ``init``: warm start
     from a fitted model with the same K and D. Runs on ``device`` (default: X's) in ``dtype``.
     """
-    return _fit_one(_problem(X, y, num_classes, fit_intercept, dtype, device), C, max_iter, tol, init)
+    return _fit_one(_problem(X, y, num_classes, fit_intercept, dtype, device), C, max_iter, tol, init)[0]
 
 
 def fit_path(
@@ -567,7 +584,10 @@ def fit_path(
     conditioned and cheap, and each solution is a good start for the next, weaker penalty, so the whole path costs
     little more than its last fit. ``sort=False`` follows the given order (e.g. scikit-learn's warm-start chain in
     ``sslt``). ``warm_start=False`` starts every C from zero (results independent of the order). The data's
-    centred features are shared by all C. Converged solutions do not depend on the start beyond ``tol``.
+    centred features are shared by all C, and a warm start also takes over the previous fit's preconditioner
+    (its eigendecomposition, rescaled for the new penalty): on Aircraft-sized features (5.3k x 768, 100 classes)
+    the D x D curvature and its eigh were most of the time of the short fits that most of a path is made of.
+    Converged solutions do not depend on the start beyond ``tol``.
     """
     Cs = [float(c) for c in Cs]
     if not Cs:
@@ -576,7 +596,11 @@ def fit_path(
     order = sorted(range(len(Cs)), key=lambda i: Cs[i]) if sort else list(range(len(Cs)))
     models: list[LogisticModel | None] = [None] * len(Cs)
     previous: LogisticModel | None = None
+    pre: _Preconditioner | None = None
     for i in order:
-        models[i] = _fit_one(problem, Cs[i], max_iter, tol, previous if warm_start else None)
+        if warm_start:
+            models[i], pre = _fit_one(problem, Cs[i], max_iter, tol, previous, pre)
+        else:
+            models[i] = _fit_one(problem, Cs[i], max_iter, tol, None)[0]
         previous = models[i]
     return models  # type: ignore[return-value]
