@@ -25,7 +25,7 @@ from ssl_bench.runtime import autocast, resolve_device
 def model_only(backbone, device, precision: str, batch: int, steps: int) -> float:
     size = backbone.input_size
     images = torch.randn(batch, 3, size, size, device=device)
-    model = backbone.model.to(device).eval()
+    backbone.model.to(device).eval()
     spec = FeatureSpec("cls")
     with torch.inference_mode(), autocast(device, precision):
         for _ in range(2):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import sys
 from pathlib import Path
 
 import click
@@ -132,7 +131,6 @@ def run_evaluation(
     """Score one backbone on one dataset with one or more tasks and append the rows to ``results``."""
     from .backbones import create_backbone
     from .context import TaskContext
-    from .data import resolve_dataset
     from .registry import get_task, parse_params
     from .results import append_rows
     from .runner import run_tasks

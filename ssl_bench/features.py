@@ -148,7 +148,7 @@ def _run_model(
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=device.type == "cuda",
     )
-    model = backbone.model.to(device).eval()
+    backbone.model.to(device).eval()
     chunks: list[np.ndarray] = []
     with torch.inference_mode(), autocast(device, precision):
         for images, _, _ in tqdm(loader, desc=desc, disable=not dist_info().is_main, leave=False):

@@ -179,7 +179,7 @@ def assign_prototypes(loaded: LoadedHead, features: Tensor, batch_size: int = 40
     if features.ndim != 2 or features.shape[1] != loaded.in_dim:
         raise UserError(f"the projection head takes {loaded.in_dim}-dim inputs; features have shape "
                         f"{tuple(features.shape)} (is the backbone the checkpoint's?)")
-    head = loaded.head.to(device)
+    loaded.head.to(device)
     assignments = torch.empty(features.shape[0], dtype=torch.long)
     y_sum = torch.zeros(loaded.bottleneck_dim, dtype=torch.float64, device=device)
     for start in range(0, features.shape[0], batch_size):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import numpy as np
 import pytest
@@ -16,6 +15,8 @@ from ssl_bench.backbones import create_backbone
 from ssl_bench.data import resolve_dataset
 from ssl_bench.errors import UserError
 from ssl_bench.features import FeatureSpec, compute_features, extract
+
+from conftest import free_port
 
 TINY = "vit_nano_patch4_32"
 
@@ -111,12 +112,6 @@ def test_random_transform_is_never_cached(tmp_path, digits, backbone):
     assert not out.cached and not [p for p in tmp_path.glob("*/*") if p.is_dir()]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _extract_worker(rank: int, world: int, port: int, cache: str, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
@@ -130,7 +125,7 @@ def _extract_worker(rank: int, world: int, port: int, cache: str, out: str) -> N
 
 
 def test_two_process_gloo_extraction_equals_one_process(tmp_path, digits, backbone):
-    mp.spawn(_extract_worker, args=(2, _free_port(), str(tmp_path / "cache"), str(tmp_path / "feat")), nprocs=2)
+    mp.spawn(_extract_worker, args=(2, free_port(), str(tmp_path / "cache"), str(tmp_path / "feat")), nprocs=2)
     single = extract(backbone, digits.split("val"), "cls+avgpool", use_cache=False, cache_dir=tmp_path / "scratch", workers=0)
     for rank in (0, 1):
         sharded = np.load(tmp_path / f"feat-{rank}.npy")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 from types import SimpleNamespace
 
 import pytest
@@ -29,16 +28,11 @@ from ssl_bench.tasks.linear import (
     cosine_lr, evaluate_heads, heads_loss, init_heads, resolve_recipe, run, train_linear_heads,
 )
 
+from conftest import free_port
+
 TINY = "vit_nano_patch4_32"
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny tensors: with other processes on the 2 cores, every multi-threaded op waits for a busy core.
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def toy_problem(n=150, n_val=60, dim=12, classes=6, seed=0):
@@ -252,12 +246,6 @@ def test_a_killed_run_resumes_where_it_stopped(tmp_path):
 
 
 # --- two processes (gloo): ranks share each step's gradient ------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -272,7 +260,7 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
 
 
 def test_two_process_gloo_equals_one_process_on_the_joined_batches(tmp_path):
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path / "heads")), nprocs=2)
+    mp.spawn(_ddp_worker, args=(2, free_port(), str(tmp_path / "heads")), nprocs=2)
     x, y, x_val, y_val = toy_problem()
 
     def joined(epoch):  # step t of one process = step t of rank 0 and rank 1 together (equal shard sizes)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -15,6 +14,7 @@ from ssl_bench.pretrain import trainer as trainer_module
 from ssl_bench.pretrain.config import PretrainConfig, make_config, preset_names
 from ssl_bench.pretrain.trainer import SimulatedKill, pretrain
 
+from conftest import free_port
 from replicas import make_imagefolder
 
 SMALL = {"epochs": "2", "batch_size": "8", "out_dim": "64", "hidden_dim": "64", "bottleneck_dim": "32",
@@ -82,12 +82,6 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_checkpoint(tmp_path
     assert checkpoint["epoch"] == 1 and all(torch.isfinite(v).all() for v in checkpoint["student"].values())
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddp_worker(rank: int, port: int, data: str, out: str, overrides: dict[str, str]) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
                       LOCAL_RANK=str(rank))
@@ -101,7 +95,7 @@ def _ddp_worker(rank: int, port: int, data: str, out: str, overrides: dict[str, 
 
 @pytest.mark.parametrize("overrides", [{}, IBOT_SEPARATE_HEAD])
 def test_two_process_gloo_ddp_matches_one_process_on_the_same_global_batch(tmp_path, data, overrides):
-    mp.spawn(_ddp_worker, args=(_free_port(), data, str(tmp_path / "ddp"), overrides), nprocs=2)
+    mp.spawn(_ddp_worker, args=(free_port(), data, str(tmp_path / "ddp"), overrides), nprocs=2)
     single = pretrain(make_config("tiny_cpu", {**SMALL, **overrides, "epochs": "1", "batch_size": "8"}), data,
                       tmp_path / "single", device="cpu")
     a, b = _weights(single), _weights(tmp_path / "ddp" / "checkpoint.pth")

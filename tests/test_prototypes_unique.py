@@ -88,15 +88,7 @@ def test_duplicate_points_at_most_similar_kept_prototype():
     assert duplicate_set_sizes(rep).tolist() == [1, 2]
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny blocks mean thousands of tiny reductions; on a busy 2-core runner, OpenMP hand-offs make them slow."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
+# one_thread (conftest): tiny blocks mean thousands of tiny reductions, slow with OpenMP hand-offs on a busy runner
 @pytest.mark.parametrize("block_size", [1, 2, 3, 7, 16])
 def test_block_size_does_not_change_the_answer(block_size, one_thread):
     # 5 clusters of 4, 10 distinct, 20 random (cosines spread around 0): 50 rows, clusters straddle blocks
