@@ -127,6 +127,7 @@ def run_evaluation(
     label: str | None = None,
     seed: int = 0,
     data_root: str | None = None,
+    decode: str = "auto",
 ) -> list:
     """Score one backbone on one dataset with one or more tasks and append the rows to ``results``."""
     from .backbones import create_backbone
@@ -149,7 +150,7 @@ def run_evaluation(
     backbone = create_backbone(model, ckpt, ckpt_key, seed=seed)
     ctx = TaskContext(
         backbone=backbone, dataset=dataset, device=torch_device, batch_size=batch_size, workers=workers,
-        precision=precision, cache_dir=Path(cache_dir) if cache_dir else None, use_cache=use_cache,
+        precision=precision, cache_dir=Path(cache_dir) if cache_dir else None, use_cache=use_cache, decode=decode,
         method=method, model_label=label, extra={"results": results, **({"data_root": data_root} if data_root else {})},
     )
     rows = run_tasks(params, ctx)
@@ -176,6 +177,9 @@ def run_evaluation(
 @click.option("--workers", default=min(8, os.cpu_count() or 1), show_default=True, type=click.IntRange(min=0))
 @click.option("--precision", default="auto", type=click.Choice(["auto", "fp32", "bf16"]), show_default=True,
               help="auto = bf16 autocast on CUDA, fp32 on CPU.")
+@click.option("--decode", default="auto", type=click.Choice(["auto", "cpu", "device"]), show_default=True,
+              help="Where evaluation images are decoded and resized: device = batched on the GPU (nvjpeg), "
+                   "cpu = PIL in the loader workers; auto = device on CUDA.")
 @click.option("--cache-dir", default=None, help="Feature cache folder (default $SSL_BENCH_CACHE or ~/.cache/ssl-bench/features).")
 @click.option("--no-cache", is_flag=True, help="Always run the model; store nothing.")
 @click.option("--results", default=os.path.join(DEFAULT_RESULTS_DIR, DEFAULT_RESULTS_FILE), show_default=True)
@@ -183,12 +187,12 @@ def run_evaluation(
 @click.option("--label", default=None, help="Model name in rows (default: checkpoint file name, or arch at random init).")
 @click.option("--seed", default=0, show_default=True)
 def run_cmd(tasks, model, ckpt, ckpt_key, data, data_root, data_name, options, split_files, device, batch_size, workers,
-            precision, cache_dir, no_cache, results, method, label, seed) -> None:
+            precision, decode, cache_dir, no_cache, results, method, label, seed) -> None:
     """Score a backbone with one or more tasks; rows are appended to the results CSV."""
     if split_files:
         options = (*options, f"fewshot.split_file={','.join(split_files)}")
     rows = run_evaluation(tasks, model, data, ckpt, ckpt_key, data_name, options, device, batch_size, workers,
-                          precision, cache_dir, not no_cache, results, method, label, seed, data_root)
+                          precision, cache_dir, not no_cache, results, method, label, seed, data_root, decode)
     for row in rows:
         click.echo(f"{row.task:<10} {row.dataset:<12} {row.metric:<14} {row.value:8.2f}")
 

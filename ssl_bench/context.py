@@ -26,6 +26,7 @@ class TaskContext:
     precision: str = "auto"
     cache_dir: Path | None = None
     use_cache: bool = True
+    decode: str = "auto"  # features.resolve_decode
     method: str = ""
     model_label: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -41,7 +42,7 @@ class TaskContext:
         return extract(
             self.backbone, dataset.split(split), spec, transform, device=self.device, batch_size=self.batch_size,
             workers=self.workers, precision=self.precision, cache_dir=self.cache_dir, use_cache=self.use_cache,
-            desc=f"{dataset.name}/{split} {FeatureSpec(spec).text if isinstance(spec, str) else spec.text}",
+            decode=self.decode, desc=f"{dataset.name}/{split} {FeatureSpec(spec).text if isinstance(spec, str) else spec.text}",
         )
 
     def row(self, task: str, protocol: str, split: str, metric: str, value: float, params: Any = None,

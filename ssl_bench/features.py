@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from .backbones import Backbone
 from .data import ImageSplit
+from .decode import device_eval_batches
 from .errors import UserError
 from .io import atomic_write_text
 from .runtime import autocast, barrier, dist_info, resolve_precision
@@ -118,8 +119,9 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("SSL_BENCH_CACHE", Path.home() / ".cache" / "ssl-bench" / "features"))
 
 
-def cache_key_fields(backbone: Backbone, split: ImageSplit, transform: TransformSpec, spec: FeatureSpec, precision: str) -> dict:
-    return {
+def cache_key_fields(backbone: Backbone, split: ImageSplit, transform: TransformSpec, spec: FeatureSpec, precision: str,
+                     decode: str = "cpu") -> dict:
+    fields = {
         "extraction_version": EXTRACTION_VERSION,
         "weights": backbone.weights_id(),
         "dataset_manifest_sha256": split.manifest_sha256(),
@@ -127,6 +129,21 @@ def cache_key_fields(backbone: Backbone, split: ImageSplit, transform: Transform
         "feature": spec.text,
         "precision": precision,
     }
+    if decode == "device":  # its pixels differ from PIL's by a grey level or so: entries of the two never mix
+        fields["decode"] = decode
+    return fields
+
+
+DECODES = ("auto", "cpu", "device")
+
+
+def resolve_decode(decode: str, device: torch.device) -> str:
+    """``auto``: decode and resize on the device on CUDA (``ssl_bench.decode``), PIL in DataLoader workers on CPU."""
+    if decode not in DECODES:
+        raise UserError(f"decode={decode!r}; expected one of {', '.join(DECODES)}")
+    if decode == "auto":
+        return "device" if device.type == "cuda" else "cpu"
+    return decode
 
 
 def cache_key(fields: dict) -> str:
@@ -142,12 +159,15 @@ def _shard(n: int, info) -> np.ndarray:
 
 def _run_model(
     backbone: Backbone, split: ImageSplit, transform: TransformSpec, spec: FeatureSpec, device: torch.device,
-    precision: str, batch_size: int, workers: int, indices: np.ndarray, desc: str,
+    precision: str, batch_size: int, workers: int, indices: np.ndarray, desc: str, decode: str = "cpu",
 ) -> np.ndarray:
-    dataset = torch.utils.data.Subset(split.with_transform(transform.build()), indices.tolist())
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=device.type == "cuda",
-    )
+    if decode == "device":
+        loader = device_eval_batches(split, transform, device, batch_size, workers, indices.tolist())
+    else:
+        dataset = torch.utils.data.Subset(split.with_transform(transform.build()), indices.tolist())
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=device.type == "cuda",
+        )
     backbone.model.to(device).eval()
     chunks: list[np.ndarray] = []
     with torch.inference_mode(), autocast(device, precision):
@@ -190,8 +210,10 @@ def extract(
     cache_dir: str | Path | None = None,
     use_cache: bool = True,
     desc: str = "features",
+    decode: str = "cpu",
 ) -> Features:
-    """Features of every image of ``split``, in split order, on every rank.
+    """Features of every image of ``split``, in split order, on every rank. ``decode``: where images are decoded
+    and resized (``resolve_decode``).
 
     Under torchrun each rank runs its contiguous shard; shards meet in a folder under ``cache_dir``
     (which must be shared by the ranks: one node, or a shared filesystem)."""
@@ -199,9 +221,10 @@ def extract(
     transform = transform or TransformSpec("eval_dino", backbone.input_size)
     device = torch.device(device)
     precision = resolve_precision(precision, device)
+    decode = resolve_decode(decode, device)
     use_cache = use_cache and transform.deterministic
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    fields = cache_key_fields(backbone, split, transform, spec, precision)
+    fields = cache_key_fields(backbone, split, transform, spec, precision, decode)
     key = cache_key(fields)
     entry = root / key[:2] / key
     if use_cache and (entry / "meta.json").is_file():
@@ -213,7 +236,7 @@ def extract(
     root.mkdir(parents=True, exist_ok=True)
     scratch = _shared_tmpdir(root)
     indices = _shard(len(split), info)
-    shard = _run_model(backbone, split, transform, spec, device, precision, batch_size, workers, indices, desc)
+    shard = _run_model(backbone, split, transform, spec, device, precision, batch_size, workers, indices, desc, decode)
     np.save(scratch / f"shard-{info.rank:05d}.npy", shard)
     barrier()
     if info.is_main:

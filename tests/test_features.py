@@ -17,6 +17,7 @@ from ssl_bench.errors import UserError
 from ssl_bench.features import FeatureSpec, compute_features, extract
 
 from conftest import free_port
+from replicas import make_imagefolder
 
 TINY = "vit_nano_patch4_32"
 
@@ -130,3 +131,15 @@ def test_two_process_gloo_extraction_equals_one_process(tmp_path, digits, backbo
     for rank in (0, 1):
         sharded = np.load(tmp_path / f"feat-{rank}.npy")
         np.testing.assert_allclose(sharded.astype(np.float32), np.asarray(single.features, np.float32), atol=2e-3)
+
+
+def test_device_decode_path_gives_the_cpu_features_within_a_grey_level_and_its_own_cache_entry(tmp_path, backbone):
+    split = resolve_dataset(str(make_imagefolder(tmp_path / "d", classes=(0, 1), train_per_class=4))).split("train")
+    common = dict(device="cpu", batch_size=4, workers=0, cache_dir=tmp_path / "cache")
+    cpu = extract(backbone, split, "cls", decode="cpu", **common)
+    device = extract(backbone, split, "cls", decode="device", **common)
+    assert len({p.name for p in (tmp_path / "cache").glob("*/*")}) == 2  # two cache entries, never mixed
+    # One grey level (1/255 / std ~ 0.0175 in normalised units) of pixel difference moves the tiny ViT's CLS a little.
+    torch.testing.assert_close(device.tensor(), cpu.tensor(), atol=0.05, rtol=0.0)
+    with pytest.raises(UserError, match="decode='gpu'"):
+        extract(backbone, split, "cls", decode="gpu", **common)
