@@ -76,6 +76,9 @@ class PretrainConfig:
     seed: int = 0
     num_workers: int = 8
     precision: str = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU
+    # where multi-crop augmentation runs: cpu = PIL in the loader workers; device = workers read file bytes, the
+    # batch is decoded (nvjpeg) and augmented on the training device; auto = device on CUDA
+    augment: str = "auto"
     unique_threshold: float = 0.9
 
     def __post_init__(self) -> None:
@@ -85,6 +88,8 @@ class PretrainConfig:
             raise UserError(f"normalization={self.normalization!r}; expected one of {', '.join(NORMALIZATIONS)}")
         if self.centering not in CENTERINGS:
             raise UserError(f"centering={self.centering!r}; expected one of {', '.join(CENTERINGS)}")
+        if self.augment not in ("auto", "cpu", "device"):
+            raise UserError(f"augment={self.augment!r}; expected auto, cpu or device")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise UserError(f"precision={self.precision!r}; expected auto, fp32 or bf16")
         self.global_scale = tuple(self.global_scale)

@@ -29,6 +29,7 @@ from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
 from ssl_bench.data import ImageSplit
+from ssl_bench.decode import BytesDataset, collate_bytes
 from ssl_bench.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 from .masking import BlockMasking
@@ -145,23 +146,33 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1, dtype=np.uint64)[0])
 
 
+def sample_masks(masking: BlockMasking, grid: tuple[int, int], count: int, seed: int) -> list[torch.Tensor]:
+    """``count`` iBOT masks for one sample, from a stream of their own (``seed`` is the sample's seed): drawing
+    them shifts none of the crops' draws, on the CPU or the device pipeline."""
+    rng = np.random.default_rng([seed, 1])
+    return [torch.from_numpy(masking(*grid, rng)) for _ in range(count)]
+
+
 class MultiCropDataset(torch.utils.data.Dataset):
     """(crops, masks, index) triples whose crops and masks depend on (seed, epoch, index) only.
 
     ``masks`` holds one bool [rows, cols] patch mask per global crop when ``masking`` is given (iBOT: rows x
     cols = global_size / patch_size), and is empty otherwise. Worker count, worker seeding, sampler order and
     the step a run resumed from all leave them unchanged. Call :meth:`set_epoch` before each epoch.
+    With ``encoded=True`` the "crops" are the image file's bytes (one uint8 tensor) for the device pipeline
+    (``ssl_bench.decode`` and ``device_augment``), which draws the crops from the same (seed, epoch, index).
     DataLoader workers hold a copy of the dataset taken when they start, so do not combine this with
     ``persistent_workers=True`` (the workers would keep the old epoch).
     """
 
     def __init__(self, split: ImageSplit, augmentation: Callable[[Image.Image], list[torch.Tensor]], seed: int = 0,
                  masking: BlockMasking | None = None, mask_grid: tuple[int, int] | None = None,
-                 n_masked: int = 2) -> None:
+                 n_masked: int = 2, encoded: bool = False) -> None:
         if masking is not None and mask_grid is None:
             raise ValueError("MultiCropDataset: masking needs the global crops' patch grid (mask_grid)")
         self.split, self.augmentation, self.seed = split, augmentation, int(seed)
         self.masking, self.mask_grid, self.n_masked = masking, mask_grid, n_masked
+        self.encoded = BytesDataset(split) if encoded else None
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -172,23 +183,24 @@ class MultiCropDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> tuple[list[torch.Tensor], list[torch.Tensor], int]:
         index = int(index)
-        image = self.split.load_image(index)
         seed = sample_seed(self.seed, self.epoch, index)
-        # fork_rng restores the caller's CPU RNG afterwards, so other consumers are unaffected.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            crops = self.augmentation(image)
-        masks: list[torch.Tensor] = []
-        if self.masking is not None:
-            rng = np.random.default_rng([seed, 1])  # a stream of its own: masks do not shift the crops' draws
-            masks = [torch.from_numpy(self.masking(*self.mask_grid, rng)) for _ in range(self.n_masked)]
+        if self.encoded is not None:
+            crops = [self.encoded[index][0]]
+        else:
+            image = self.split.load_image(index)
+            # fork_rng restores the caller's CPU RNG afterwards, so other consumers are unaffected.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                crops = self.augmentation(image)
+        masks = sample_masks(self.masking, self.mask_grid, self.n_masked, seed) if self.masking is not None else []
         return crops, masks, index
 
 
 def collate_multicrop(
     batch: Sequence[tuple[Sequence[torch.Tensor], Sequence[torch.Tensor], int]],
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
-    """Stack crop i (and mask i) of every sample: ([B, 3, H_i, W_i] per crop, [B, rows, cols] per mask, indices [B])."""
+    """Stack crop i (and mask i) of every sample: ([B, 3, H_i, W_i] per crop, [B, rows, cols] per mask, indices [B]).
+    Encoded samples (one 1-D byte tensor each) stay a list of byte tensors."""
     if not batch:
         raise ValueError("collate_multicrop got an empty batch")
     n_crops, n_masks = len(batch[0][0]), len(batch[0][1])
@@ -196,7 +208,10 @@ def collate_multicrop(
         raise ValueError(f"every sample must have the same number of crops; got {sorted({len(c) for c, _, _ in batch})}")
     if any(len(masks) != n_masks for _, masks, _ in batch):
         raise ValueError("every sample must have the same number of masks")
-    stacked = [torch.stack([crops[i] for crops, _, _ in batch]) for i in range(n_crops)]
+    if batch[0][0][0].ndim == 1:  # encoded images of different lengths: views into one shared buffer
+        stacked = collate_bytes([(crops[0], 0, index) for crops, _, index in batch])[0]
+    else:
+        stacked = [torch.stack([crops[i] for crops, _, _ in batch]) for i in range(n_crops)]
     masks = [torch.stack([sample_masks[i] for _, sample_masks, _ in batch]) for i in range(n_masks)]
     indices = torch.tensor([int(index) for _, _, index in batch], dtype=torch.int64)
     return stacked, masks, indices

@@ -17,6 +17,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ssl_bench.data import resolve_dataset
+from ssl_bench.decode import decode_batch
 from ssl_bench.errors import UserError
 from ssl_bench.io import atomic_write_text
 from ssl_bench.prototypes import unique_prototypes
@@ -29,6 +30,7 @@ from .dino_loss import dino_cross_entropy
 from .ibot_loss import masked_patch_cross_entropy
 from .koleo import koleo_loss
 from .monitor import kl_to_uniform, norm_stats, teacher_entropy
+from .device_augment import DeviceMultiCrop
 from .multicrop import MultiCropAugmentation, MultiCropDataset, collate_multicrop
 from .network import NetOutput, build_student_teacher
 from .schedules import cosine_schedule, teacher_temperature
@@ -38,6 +40,10 @@ log = logging.getLogger(__name__)
 LOG_NAME = "log.jsonl"
 CONFIG_NAME = "config.yaml"
 RESUMABLE_CHANGES = ("epochs", "num_workers", "precision")
+
+
+def resolve_augment(augment: str, device: torch.device) -> str:
+    return ("device" if device.type == "cuda" else "cpu") if augment == "auto" else augment
 
 
 class SimulatedKill(RuntimeError):
@@ -72,8 +78,7 @@ def make_optimizer(student: nn.Module, device: torch.device) -> torch.optim.Adam
 def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
     teacher_params = [p for _, p in sorted(teacher.named_parameters())]
     student_params = [p.detach() for _, p in sorted(student.named_parameters())]
-    torch._foreach_mul_(teacher_params, momentum)
-    torch._foreach_add_(teacher_params, student_params, alpha=1.0 - momentum)
+    torch._foreach_lerp_(teacher_params, student_params, 1.0 - momentum)  # m * teacher + (1 - m) * student
 
 
 
@@ -96,7 +101,8 @@ def _make_loader(config: PretrainConfig, data: str, world_size: int, rank: int, 
     augmentation = MultiCropAugmentation(config.global_size, config.local_size, config.n_local,
                                          config.global_scale, config.local_scale)
     masking = config.block_masking() if config.masked_modeling else None
-    dataset = MultiCropDataset(split, augmentation, seed=config.seed, masking=masking, mask_grid=mask_grid)
+    dataset = MultiCropDataset(split, augmentation, seed=config.seed, masking=masking, mask_grid=mask_grid,
+                               encoded=resolve_augment(config.augment, device) == "device")
     sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
                                                   seed=config.seed, drop_last=True)
     loader = torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, sampler=sampler,
@@ -122,6 +128,11 @@ class Trainer:
         self.dataset, self.sampler, self.loader = _make_loader(config, data, self.info.world_size, self.info.rank,
                                                                self.device, mask_grid)
         self.steps_per_epoch = len(self.loader)
+        self.device_augment = None  # the device pipeline: decode + multi-crop on self.device
+        if self.dataset.encoded is not None:
+            augmentation = MultiCropAugmentation(config.global_size, config.local_size, config.n_local,
+                                                 config.global_scale, config.local_scale)
+            self.device_augment = DeviceMultiCrop.from_augmentation(augmentation, seed=config.seed)
         self.student_module, self.teacher = student.to(self.device), teacher.to(self.device)
         self.student: nn.Module = self.student_module
         if self.info.world_size > 1:
@@ -190,6 +201,12 @@ class Trainer:
                                           selected.nonzero()[:, 0], selected.shape[0])
         self.patch_centering.update(teacher_logits, temp)
         return loss, {"patch_loss": float(loss.detach()), "masked_fraction": float(selected.float().mean())}
+
+    def device_crops(self, encoded: list[torch.Tensor], indices: torch.Tensor, epoch: int) -> list[torch.Tensor]:
+        """The device pipeline: a batch of image files' bytes -> the multi-crop batch, on the training device."""
+        paths = [self.dataset.encoded.path(int(i)) for i in indices]
+        images = decode_batch(encoded, paths, self.device)
+        return self.device_augment(images, indices, epoch)
 
     def train_step(self, crops: list[torch.Tensor], epoch: int, step: int,
                    masks: list[torch.Tensor] | None = None) -> dict[str, float]:
@@ -273,10 +290,12 @@ class Trainer:
             sums: dict[str, float] = {}
             bar = tqdm(self.loader, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not self.info.is_main,
                        leave=False)
-            for it, (crops, masks, _) in enumerate(bar):
+            for it, (crops, masks, indices) in enumerate(bar):
                 step = epoch * self.steps_per_epoch + it
                 if stop_at_step is not None and step == stop_at_step:
                     raise SimulatedKill(f"stopped at step {step}")
+                if self.device_augment is not None:
+                    crops = self.device_crops(crops, indices, epoch)
                 metrics = self.train_step(crops, epoch, step, masks)
                 for key, value in metrics.items():
                     sums[key] = sums.get(key, 0.0) + value

@@ -39,7 +39,7 @@ IBOT_SEPARATE_HEAD = {"method": "ibot", "normalization": "l2", "centering": "log
 
 
 @pytest.mark.parametrize("overrides", [{}, {"normalization": "l2", "centering": "logit", "drop_path": "0.1"},
-                                       {"method": "ibot-vmf"}, IBOT_SEPARATE_HEAD])
+                                       {"method": "ibot-vmf"}, IBOT_SEPARATE_HEAD, {"augment": "device"}])
 def test_killed_mid_epoch_and_resumed_equals_uninterrupted(tmp_path, data, overrides):
     config = make_config("tiny_cpu", {**SMALL, **overrides})
     full = pretrain(config, data, tmp_path / "full", device="cpu")  # 2 epochs x 4 steps
