@@ -80,6 +80,7 @@ class PretrainConfig:
     # batch is decoded (nvjpeg) and augmented on the training device; auto = device on CUDA
     augment: str = "auto"
     unique_threshold: float = 0.9
+    log_every: int = 50  # steps between reads of the step metrics (host syncs) and the non-finite loss check
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -100,8 +101,8 @@ class PretrainConfig:
                 self.block_masking()
             except ValueError as error:
                 raise UserError(str(error)) from None
-        if self.epochs < 1 or self.batch_size < 1:
-            raise UserError("epochs and batch_size must be at least 1")
+        if self.epochs < 1 or self.batch_size < 1 or self.log_every < 1:
+            raise UserError("epochs, batch_size and log_every must be at least 1")
 
     @property
     def masked_modeling(self) -> bool:

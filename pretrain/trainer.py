@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,24 +21,24 @@ from ssl_bench.errors import UserError
 from ssl_bench.io import atomic_write_text
 from ssl_bench.prototypes import unique_prototypes
 from ssl_bench.runtime import autocast, dist_info, init_distributed, resolve_device, resolve_precision
+from ssl_bench.vmf import prototype_logits
 
 from .centering import make_centering
 from .checkpointing import BACKBONE_NAME, CHECKPOINT_NAME, export_teacher_backbone, load_checkpoint, save_checkpoint
 from .config import PretrainConfig, save_config
+from .device_augment import DeviceMultiCrop
 from .dino_loss import dino_cross_entropy
 from .ibot_loss import masked_patch_cross_entropy
 from .koleo import koleo_loss
 from .monitor import kl_to_uniform, norm_stats, teacher_entropy
-from .device_augment import DeviceMultiCrop
 from .multicrop import MultiCropAugmentation, MultiCropDataset, collate_multicrop
 from .network import NetOutput, build_student_teacher
 from .schedules import cosine_schedule, teacher_temperature
-from ssl_bench.vmf import prototype_logits
 
 log = logging.getLogger(__name__)
 LOG_NAME = "log.jsonl"
 CONFIG_NAME = "config.yaml"
-RESUMABLE_CHANGES = ("epochs", "num_workers", "precision")
+RESUMABLE_CHANGES = ("epochs", "num_workers", "precision", "log_every")
 
 
 def resolve_augment(augment: str, device: torch.device) -> str:
@@ -130,9 +129,7 @@ class Trainer:
         self.steps_per_epoch = len(self.loader)
         self.device_augment = None  # the device pipeline: decode + multi-crop on self.device
         if self.dataset.encoded is not None:
-            augmentation = MultiCropAugmentation(config.global_size, config.local_size, config.n_local,
-                                                 config.global_scale, config.local_scale)
-            self.device_augment = DeviceMultiCrop.from_augmentation(augmentation, seed=config.seed)
+            self.device_augment = DeviceMultiCrop.from_augmentation(self.dataset.augmentation, seed=config.seed)
         self.student_module, self.teacher = student.to(self.device), teacher.to(self.device)
         self.student: nn.Module = self.student_module
         if self.info.world_size > 1:
@@ -188,7 +185,7 @@ class Trainer:
                                 self.config.normalization, self.config.bottleneck_dim)
 
     def _patch_loss(self, teacher: NetOutput, student: NetOutput, masks: torch.Tensor, epoch: int
-                    ) -> tuple[torch.Tensor, dict[str, float]]:
+                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """iBOT's patch term: teacher patch distributions (unmasked views, own centering and temperature) as
         targets at the positions masked in the student's views."""
         config = self.config
@@ -200,7 +197,7 @@ class Trainer:
         loss = masked_patch_cross_entropy(self._logits(student.patch, config.student_temp), targets,
                                           selected.nonzero()[:, 0], selected.shape[0])
         self.patch_centering.update(teacher_logits, temp)
-        return loss, {"patch_loss": float(loss.detach()), "masked_fraction": float(selected.float().mean())}
+        return loss, {"patch_loss": loss.detach(), "masked_fraction": selected.float().mean()}
 
     def device_crops(self, encoded: list[torch.Tensor], indices: torch.Tensor, epoch: int) -> list[torch.Tensor]:
         """The device pipeline: a batch of image files' bytes -> the multi-crop batch, on the training device."""
@@ -209,8 +206,9 @@ class Trainer:
         return self.device_augment(images, indices, epoch)
 
     def train_step(self, crops: list[torch.Tensor], epoch: int, step: int,
-                   masks: list[torch.Tensor] | None = None) -> dict[str, float]:
-        """One optimisation step; ``masks`` (iBOT) holds one [B, rows, cols] bool mask per global crop."""
+                   masks: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor | float]:
+        """One optimisation step; ``masks`` (iBOT) holds one [B, rows, cols] bool mask per global crop. Returns
+        the step's metrics, losses as device tensors (no host sync)."""
         config = self.config
         for i, group in enumerate(self.optimizer.param_groups):
             group["lr"] = float(self.schedules.lr[step])
@@ -236,20 +234,13 @@ class Trainer:
         extra: dict[str, float] = {}
         if mask is not None:
             patch_loss, extra = self._patch_loss(teacher, student, mask, epoch)
-            extra["cls_loss"] = float(loss.detach())
+            extra["cls_loss"] = loss.detach()
             loss = loss + config.patch_loss_weight * patch_loss
         if config.koleo_weight > 0:
             koleo = koleo_loss(self.student_module.head.prototype_weights())
             loss = loss + config.koleo_weight * koleo
-            extra["koleo"] = float(koleo.detach())
+            extra["koleo"] = koleo.detach()
         self.centering.update(teacher_logits, temp)
-        mean_loss = _all_mean(loss.detach()).item()
-        if not math.isfinite(mean_loss):
-            raise UserError(
-                f"non-finite loss ({mean_loss}) at epoch {epoch}, step {step}; stopped without saving. "
-                f"The last good checkpoint is {self.checkpoint_path}"
-                + ("" if self.checkpoint_path.is_file() else " (none written yet)")
-            )
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if config.clip_grad > 0:
@@ -260,9 +251,29 @@ class Trainer:
                     param.grad = None
         self.optimizer.step()
         ema_update(self.teacher, self.student_module, float(self.schedules.momentum[step]))
-        return {"loss": mean_loss, "teacher_entropy": float(teacher_entropy(teacher_probs)),
-                "kl_uniform": float(kl_to_uniform(teacher_probs)), "teacher_temp": temp,
+        # Device tensors, read by the fit loop every log_every steps: no host sync inside the step.
+        return {"loss": _all_mean(loss.detach()), "teacher_entropy": teacher_entropy(teacher_probs),
+                "kl_uniform": kl_to_uniform(teacher_probs), "teacher_temp": temp,
                 "lr": float(self.schedules.lr[step]), "wd": float(self.schedules.weight_decay[step]), **extra}
+
+    def _drain(self, window: list[tuple[int, dict]], sums: dict[str, float], epoch: int) -> float:
+        """Read the metrics of the steps in ``window`` (one host sync), add them to ``sums``, empty the window and
+        return the last loss. A non-finite loss stops the run before the epoch's checkpoint is written."""
+        losses = torch.stack([metrics["loss"] for _, metrics in window]).cpu()
+        bad = torch.nonzero(~torch.isfinite(losses)).flatten()
+        if len(bad):
+            step = window[int(bad[0])][0]
+            raise UserError(
+                f"non-finite loss ({float(losses[bad[0]])}) at epoch {epoch}, step {step}; stopped without saving. "
+                f"The last good checkpoint is {self.checkpoint_path}"
+                + ("" if self.checkpoint_path.is_file() else " (none written yet)")
+            )
+        for key in window[0][1]:
+            values = [metrics[key] for _, metrics in window]
+            total = torch.stack(values).sum() if isinstance(values[0], torch.Tensor) else sum(values)
+            sums[key] = sums.get(key, 0.0) + float(total)
+        window.clear()
+        return float(losses[-1])
 
     @torch.no_grad()
     def prototype_stats(self) -> dict[str, float]:
@@ -288,6 +299,7 @@ class Trainer:
             self.dataset.set_epoch(epoch)
             self.student.train()
             sums: dict[str, float] = {}
+            window: list[tuple[int, dict]] = []
             bar = tqdm(self.loader, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not self.info.is_main,
                        leave=False)
             for it, (crops, masks, indices) in enumerate(bar):
@@ -296,10 +308,9 @@ class Trainer:
                     raise SimulatedKill(f"stopped at step {step}")
                 if self.device_augment is not None:
                     crops = self.device_crops(crops, indices, epoch)
-                metrics = self.train_step(crops, epoch, step, masks)
-                for key, value in metrics.items():
-                    sums[key] = sums.get(key, 0.0) + value
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+                window.append((step, self.train_step(crops, epoch, step, masks)))
+                if len(window) >= config.log_every or it == self.steps_per_epoch - 1:
+                    bar.set_postfix(loss=f"{self._drain(window, sums, epoch):.4f}")
             if self.info.is_main:
                 record = {"epoch": epoch, **{k: v / self.steps_per_epoch for k, v in sums.items()},
                           **self.prototype_stats(), "epoch_s": round(time.time() - start, 2)}

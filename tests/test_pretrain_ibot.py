@@ -88,7 +88,7 @@ def test_training_step_adds_the_patch_loss(tmp_path):
     config = _tiny_ibot(batch_size="8", mask_probability="1.0", patch_loss_weight="0.5")
     trainer = Trainer(config, str(data), tmp_path / "run", device="cpu")
     crops, masks, _ = next(iter(trainer.loader))
-    metrics = trainer.train_step(crops, epoch=0, step=0, masks=masks)
+    metrics = {k: float(v) for k, v in trainer.train_step(crops, epoch=0, step=0, masks=masks).items()}
     assert 0.1 <= metrics["masked_fraction"] <= 0.5
     assert metrics["loss"] == pytest.approx(metrics["cls_loss"] + 0.5 * metrics["patch_loss"], rel=1e-5)
     trainer.patch_centering.synchronize()
