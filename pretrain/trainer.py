@@ -166,7 +166,10 @@ class Trainer:
             return
         state = load_checkpoint(self.checkpoint_path)
         saved = state["ssl_bench"]["config"]
-        changed = sorted(k for k, v in self.config.to_dict().items() if k not in RESUMABLE_CHANGES and saved.get(k) != v)
+        # A setting the checkpoint predates (added in a later version) counts as its default.
+        defaults = PretrainConfig().to_dict()
+        changed = sorted(k for k, v in self.config.to_dict().items()
+                         if k not in RESUMABLE_CHANGES and saved.get(k, defaults[k]) != v)
         if changed:
             raise UserError(f"{self.checkpoint_path} was trained with other settings ({', '.join(changed)}); "
                             f"resume changes only {', '.join(RESUMABLE_CHANGES)}")

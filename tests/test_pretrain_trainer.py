@@ -60,6 +60,12 @@ def test_existing_run_is_not_overwritten(tmp_path, data):
     pretrain(config, data, tmp_path / "run", device="cpu")
     with pytest.raises(UserError, match="already holds a run"):
         pretrain(config, data, tmp_path / "run", device="cpu")
+    # A checkpoint written before a setting existed resumes when that setting is left at its default.
+    path = tmp_path / "run" / "checkpoint.pth"
+    state = read_checkpoint(path)
+    del state["ssl_bench"]["config"]["log_every"], state["ssl_bench"]["config"]["mask_aspect"]
+    torch.save(state, path)
+    pretrain(make_config("tiny_cpu", {**SMALL, "epochs": "2"}), data, tmp_path / "run", resume=True, device="cpu")
     with pytest.raises(UserError, match=r"trained with other settings \(lr\)"):
         pretrain(make_config("tiny_cpu", {**SMALL, "epochs": "1", "lr": "0.1"}), data, tmp_path / "run",
                  resume=True, device="cpu")
