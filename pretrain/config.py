@@ -80,6 +80,7 @@ class PretrainConfig:
     # batch is decoded (nvjpeg) and augmented on the training device; auto = device on CUDA
     augment: str = "auto"
     unique_threshold: float = 0.9
+    compile: bool = False  # torch.compile the student's and the teacher's forward (first steps pay the compile)
     log_every: int = 50  # steps between reads of the step metrics (host syncs) and the non-finite loss check
 
     def __post_init__(self) -> None:

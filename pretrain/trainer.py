@@ -38,7 +38,8 @@ from .schedules import cosine_schedule, teacher_temperature
 log = logging.getLogger(__name__)
 LOG_NAME = "log.jsonl"
 CONFIG_NAME = "config.yaml"
-RESUMABLE_CHANGES = ("epochs", "num_workers", "precision", "log_every")
+RESUMABLE_CHANGES = ("epochs", "num_workers", "precision", "log_every", "compile")
+COMPILE_BACKEND = "inductor"  # torch.compile's default; the CPU test swaps in "aot_eager" (no C++ toolchain needed)
 
 
 def resolve_augment(augment: str, device: torch.device) -> str:
@@ -135,6 +136,10 @@ class Trainer:
         if self.info.world_size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.student = nn.parallel.DistributedDataParallel(self.student_module, device_ids=ids)
+        self.teacher_forward: nn.Module = self.teacher
+        if config.compile:  # state dicts, EMA and checkpoints keep using the plain modules
+            self.student = torch.compile(self.student, backend=COMPILE_BACKEND)
+            self.teacher_forward = torch.compile(self.teacher, backend=COMPILE_BACKEND)
         self.optimizer = make_optimizer(self.student_module, self.device)
         self.centering = make_centering(config.centering, config.out_dim, config.center_momentum).to(self.device)
         self.patch_centering = None  # iBOT: the patch distributions are centered apart from the [CLS] ones
@@ -228,7 +233,7 @@ class Trainer:
             mask = torch.cat(masks).to(self.device, non_blocking=True)
         with autocast(self.device, self.precision):
             with torch.no_grad():
-                teacher = self.teacher(crops[:2])
+                teacher = self.teacher_forward(crops[:2])
             student = self.student(crops, mask)
         teacher_logits = self._logits(teacher.cls, temp)
         student_logits = self._logits(student.cls, config.student_temp)

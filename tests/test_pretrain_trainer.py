@@ -133,3 +133,15 @@ def test_presets_load_and_overrides_are_typed():
         make_config("tiny_cpu", {"normalization": "cosine"})
     with pytest.raises(UserError, match="unknown preset 'dino_vit_huge'"):
         make_config("dino_vit_huge")
+
+
+def test_compiled_step_equals_the_eager_step(tmp_path, data, monkeypatch):
+    # aot_eager traces forward and backward as inductor does, without generating C++ (the GPU session runs inductor).
+    monkeypatch.setattr(trainer_module, "COMPILE_BACKEND", "aot_eager")
+    losses = {}
+    for compiled in ("false", "true"):
+        config = make_config("ibot_tiny_cpu", {**SMALL, "compile": compiled, "mask_probability": "1.0"})
+        trainer = trainer_module.Trainer(config, data, tmp_path / compiled, device="cpu")
+        crops, masks, _ = next(iter(trainer.loader))
+        losses[compiled] = [float(trainer.train_step(crops, 0, step, masks)["loss"]) for step in range(2)]
+    assert losses["true"] == pytest.approx(losses["false"], rel=1e-5, abs=1e-6)
