@@ -1,5 +1,7 @@
-"""Evaluation data pipeline throughput: (a) PIL decode + the CPU eval transform per image in DataLoader workers
-against (b) workers reading bytes only, then decode_batch + eval_batch on the device, as ratios to (a) in one run.
+"""Data pipeline throughput: (a) PIL decode + the CPU eval transform per image in DataLoader workers against
+(b) workers reading bytes only, then decode_batch + eval_batch on the device; and the pretraining multi-crop
+(2 x 224 + 10 x 96): (c) PIL decode + DINO's augmentation in the workers against (d) bytes, decode_batch and
+DeviceMultiCrop on the device. Ratios are to (a), and (d) also to (c), all measured in one run.
 
     python benchmarks/data_pipeline.py --device cpu --images 256 --workers 2 --threads 2
     python benchmarks/data_pipeline.py --device cuda --images 4096 --workers 16 --batch-size 256
@@ -23,6 +25,8 @@ from PIL import Image
 
 from ssl_bench.data import image_folder
 from ssl_bench.decode import BytesDataset, decode_batch, device_eval_batches, eval_batch, eval_batch_params
+from ssl_bench.pretrain.device_augment import DeviceMultiCrop
+from ssl_bench.pretrain.multicrop import MultiCropAugmentation, MultiCropDataset, collate_multicrop
 from ssl_bench.transforms import TransformSpec
 
 
@@ -94,14 +98,38 @@ def main() -> None:
         def eval_only() -> int:
             return sum(len(eval_batch(decoded[s:s + args.batch_size], **params)) for s in chunks)
 
+        augmentation = MultiCropAugmentation(224, 96, 10)
+
+        def multicrop_loader(encoded: bool) -> torch.utils.data.DataLoader:
+            dataset = MultiCropDataset(split, augmentation, encoded=encoded)
+            return torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers,
+                                               collate_fn=collate_multicrop, pin_memory=device.type == "cuda")
+
+        def cpu_multicrop() -> int:
+            return sum(len(crops[0].to(device, non_blocking=True)) for crops, _, _ in multicrop_loader(False))
+
+        device_crops = DeviceMultiCrop.from_augmentation(augmentation)
+
+        def device_multicrop() -> int:
+            made = 0
+            for encoded, _, indices in multicrop_loader(True):
+                images = decode_batch(encoded, [paths[i] for i in indices.tolist()], device)
+                made += len(device_crops(images, indices, 0)[0])
+            return made
+
         if device.type == "cuda":  # first nvjpeg call and first kernels pay for initialisation
             eval_batch(decode_batch(data[:2], paths[:2], device), **params)
+            device_crops(decode_batch(data[:2], paths[:2], device), [0, 1], 0)
         rates = {
             f"(a) PIL + CPU transform, {args.workers} workers": best_rate(cpu_pil, device, args.repeats),
             f"(b) bytes, {args.workers} workers, decode+eval on {device.type}": best_rate(device_path, device,
                                                                                        args.repeats),
             f"    decode_batch only ({device.type})": best_rate(decode_only, device, args.repeats),
             f"    eval_batch only ({device.type})": best_rate(eval_only, device, args.repeats),
+            f"(c) multi-crop: PIL + DINO augmentation, {args.workers} workers": best_rate(cpu_multicrop, device,
+                                                                                       args.repeats),
+            f"(d) multi-crop: bytes + decode + DeviceMultiCrop on {device.type}": best_rate(device_multicrop, device,
+                                                                                          args.repeats),
         }
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {os.cpu_count()} cores"
@@ -109,9 +137,11 @@ def main() -> None:
           f"batch {args.batch_size}, {args.threads} torch threads, {name}, torch {torch.__version__}")
     base = next(iter(rates.values()))
     width = max(map(len, rates)) + 2
-    print(f"{'pipeline':<{width}}{'images/s':>10}{'x (a)':>8}")
+    multicrop_base = rates[next(k for k in rates if k.startswith("(c)"))]
+    print(f"{'pipeline':<{width}}{'images/s':>10}{'x (a)':>8}{'x (c)':>8}")
     for label, rate in rates.items():
-        print(f"{label:<{width}}{rate:>10.0f}{rate / base:>8.2f}")
+        versus_c = f"{rate / multicrop_base:>8.2f}" if label.startswith(("(c)", "(d)")) else ""
+        print(f"{label:<{width}}{rate:>10.1f}{rate / base:>8.2f}{versus_c}")
 
 
 if __name__ == "__main__":
