@@ -77,11 +77,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--methods", default=",".join(VARIANTS), help="the first is the ratios' baseline")
+    parser.add_argument("--compile", action="store_true", help="compile=true (the warm-up steps pay the compile)")
     parser.add_argument("--worker", nargs=3, metavar=("PRESET", "VARIANT", "BATCH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         preset, variant, batch = args.worker
-        print(json.dumps(measure(preset, variant, int(batch), args.steps, args.device, {})))
+        overrides = {"compile": "true"} if args.compile else {}
+        print(json.dumps(measure(preset, variant, int(batch), args.steps, args.device, overrides)))
         return
     methods = args.methods.split(",")
     print(f"{'preset':<16}{'method':<10}{'crops':<16}{'batch':>6}{'img/s':>9}{'s/step':>9}{'peak MiB':>10}"
@@ -91,7 +93,8 @@ def main() -> None:
         results = {}
         for variant in methods:
             out = subprocess.run([sys.executable, __file__, "--worker", preset, variant, str(batch), "--steps",
-                                  str(args.steps), "--device", args.device], capture_output=True, text=True, check=True)
+                                  str(args.steps), "--device", args.device, *(["--compile"] if args.compile else [])],
+                                 capture_output=True, text=True, check=True)
             results[variant] = json.loads(out.stdout.strip().splitlines()[-1])
         for variant, r in results.items():
             ratio = r["images_per_s"] / results[methods[0]]["images_per_s"]
