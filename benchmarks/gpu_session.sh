@@ -31,3 +31,5 @@ step data-pipeline 240 python benchmarks/data_pipeline.py --device cuda --images
 step extract 180 python benchmarks/extract.py --device cuda --images 2048 --batch-size 256 --workers 15
 step knn 180 python benchmarks/knn.py --device cuda --n-train 1281167 --n-test 50000
 step davis 180 python benchmarks/davis_propagation.py --device cuda --frames 40 --steps 60
+step pretrain-end-to-end 420 python benchmarks/pretrain_step.py --presets dino_vits16 --batch-size 128 --device cuda \
+  --methods dino --steps 20 --end-to-end 3072 --workers 15
