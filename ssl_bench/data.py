@@ -2,6 +2,7 @@
 
 Specs:
   builtin:digits      scikit-learn's 8x8 handwritten digits (ships with scikit-learn), stratified 75/25 split
+  builtin:digits-lt   the same with a long-tailed train split (exponential, imbalance 100; val balanced)
   imagefolder:PATH    ImageNet layout, PATH/train/<class>/*.JPEG and PATH/val/<class>/*.JPEG
   PATH                same as imagefolder:PATH
   KIND:PATH           a registered kind (``register_dataset_kind``), e.g. the nine transfer datasets
@@ -140,7 +141,31 @@ def _digits(seed: int = 0) -> Dataset:
     )
 
 
-BUILTIN_DATASETS: dict[str, Callable[[], Dataset]] = {"digits": _digits}
+LT_IMBALANCE = 100.0  # builtin:digits-lt: the most frequent class has this many times the rarest one's images
+
+
+def long_tail_counts(available: np.ndarray, imbalance: float = LT_IMBALANCE) -> np.ndarray:
+    """Per-class image counts of an exponential long tail over classes 0..C-1: n_c = floor(n_max x imbalance^(-c /
+    (C - 1))), n_max = the smallest class's available count (so every class can be served), at least 1."""
+    exponents = np.arange(len(available)) / max(len(available) - 1, 1)
+    return np.maximum(np.floor(available.min() * imbalance ** -exponents + 1e-9), 1).astype(np.int64)
+
+
+def _digits_lt(seed: int = 0) -> Dataset:
+    """builtin:digits with a long-tailed train split (``long_tail_counts``, a seeded choice of images per class)
+    and the balanced val split, for the long-tail study on this machine."""
+    digits = _digits(seed)
+    train = digits.split("train")
+    counts = long_tail_counts(np.bincount(train.labels), LT_IMBALANCE)
+    rng = np.random.default_rng(seed)
+    keep = np.sort(np.concatenate([rng.choice(np.flatnonzero(train.labels == c), n, replace=False)
+                                   for c, n in enumerate(counts)]))
+    digits.splits["train"] = ArraySplit(train.images[keep], train.labels[keep], train.classes, "digits-lt/train")
+    digits.name, digits.spec = "digits-lt", "builtin:digits-lt"
+    return digits
+
+
+BUILTIN_DATASETS: dict[str, Callable[[], Dataset]] = {"digits": _digits, "digits-lt": _digits_lt}
 
 IMAGEFOLDER_LAYOUT = "ROOT/train/<class>/<image> and ROOT/val/<class>/<image> (ImageNet layout, same class folders in both)"
 
@@ -196,7 +221,7 @@ class DatasetKind:
 
 _DATASET_KINDS: dict[str, DatasetKind] = {}
 # Modules that register kinds when imported; imported lazily so that ``data`` itself imports none of them.
-_KIND_MODULES: list[str] = ["ssl_bench.transfer_data"]
+_KIND_MODULES: list[str] = ["ssl_bench.transfer_data", "ssl_bench.inat_data"]
 _RESERVED_KINDS = ("builtin", "imagefolder")
 
 

@@ -13,11 +13,13 @@ import math
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ssl_bench.context import TaskContext
 from ssl_bench.errors import UserError
+from ssl_bench.longtail import group_accuracies
 from ssl_bench.registry import register_task
 from ssl_bench.results import ResultRow
 from ssl_bench.runtime import strict_fp32
@@ -43,6 +45,7 @@ _DENSE_FRACTION = 0.25
 _TWO_LEVEL_GROUPS = 8
 # Rows x classes held at once when counting votes.
 _VOTE_ELEMENTS = 1 << 24
+_CORRECT_ROWS = 4096  # test rows voted at once by knn_correct
 
 
 def _faiss_available() -> bool:
@@ -353,6 +356,25 @@ def knn_classify(
     return {k: (100.0 * top1 / n_test, 100.0 * top5 / n_test) for k, (top1, top5) in totals.items()}
 
 
+def knn_correct(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
+                test_labels: torch.Tensor, k: int = 20, temperature: float = 0.07, num_classes: int | None = None,
+                backend: str = "auto") -> torch.Tensor:
+    """Whether DINO's weighted kNN classifies each test row right [M] bool: this module's neighbour search
+    (``knn_search``) and the same vote (class score = sum of exp(s / T) over the k nearest; ties to the smaller class),
+    so ``100 * mean`` is that task's top-1 at this k."""
+    sims, indices = knn_search(train_features, test_features, k, backend=backend)
+    train_labels = train_labels.to(device=indices.device, dtype=torch.long)
+    test_labels = test_labels.to(device=indices.device, dtype=torch.long)
+    num_classes = num_classes or int(max(int(train_labels.max()), int(test_labels.max()))) + 1
+    correct = torch.empty(sims.shape[0], dtype=torch.bool, device=sims.device)
+    for start in range(0, sims.shape[0], _CORRECT_ROWS):
+        rows = slice(start, start + _CORRECT_ROWS)
+        scores = sims.new_zeros((sims[rows].shape[0], num_classes))
+        scores.scatter_add_(1, train_labels[indices[rows]], (sims[rows] / temperature).exp())
+        correct[rows] = scores.argmax(dim=1) == test_labels[rows]  # argmax: the first of equal maxima
+    return correct.cpu()
+
+
 def best_k(accuracies: dict[int, tuple[float, float]]) -> int:
     """The k with the highest top-1; ties go to the smaller k."""
     return min(accuracies, key=lambda k: (-accuracies[k][0], k))
@@ -365,6 +387,9 @@ class KnnParams:
     feature: str = "cls"
     transform: str = "eval_dino"
     backend: str = "auto"
+    # long-tail groups by training images per class (rows acc_many / acc_medium / acc_few, mean_per_class)
+    many_shot: int = 100
+    few_shot: int = 20
 
 
 @register_task(
@@ -397,6 +422,18 @@ def run(ctx: TaskContext, params: KnnParams) -> list[ResultRow]:
                                 params={**base, "k": k}, n=n))
     for metric, value in (("top1", accuracies[chosen][0]), ("top5", accuracies[chosen][1])):
         rows.append(ctx.row(task="knn", protocol=KNN_VERSION, split="val", metric=metric, value=value, params=base, n=n))
+    with strict_fp32():
+        correct = knn_correct(train.tensor(ctx.device), torch.from_numpy(train.labels), val.tensor(ctx.device),
+                              torch.from_numpy(val.labels), chosen, params.temperature, ctx.dataset.num_classes,
+                              params.backend).numpy()
+    train_counts = np.bincount(train.labels, minlength=ctx.dataset.num_classes)
+    groups = group_accuracies(correct, val.labels, train_counts, params.many_shot, params.few_shot)
+    group_params = {**base, "k": chosen, "many_shot": f"> {params.many_shot}", "few_shot": f"< {params.few_shot}"}
+    for name, (value, count) in groups.items():
+        if name != "top1":
+            metric = name if name == "mean_per_class" else f"acc_{name}"
+            rows.append(ctx.row(task="knn", protocol=KNN_VERSION, split="val", metric=metric, value=value,
+                                params=group_params, n=count))
     log.info("kNN best k=%d: top-1 %.2f %%, top-5 %.2f %%", chosen, *accuracies[chosen])
     log.debug("kNN per k: %s", accuracies)
     return rows

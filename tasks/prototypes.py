@@ -32,33 +32,13 @@ from ssl_bench.prototypes import (accuracy_by_bin, cosine_to_negative_mean, dupl
 from ssl_bench.registry import register_task
 from ssl_bench.results import ResultRow
 from ssl_bench.runtime import dist_info, strict_fp32
-from ssl_bench.tasks.knn import knn_search
+from ssl_bench.tasks.knn import knn_correct
 
 log = logging.getLogger(__name__)
 
 PROTOTYPES_VERSION = "dino-vmf-prototypes-v1"
 DEFAULT_THRESHOLDS: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
 KAPPA_PERCENTILES: tuple[int, ...] = (0, 10, 50, 90, 100)
-_VOTE_ROWS = 4096
-
-
-def knn_correct(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
-                test_labels: torch.Tensor, k: int = 20, temperature: float = 0.07, num_classes: int | None = None,
-                backend: str = "auto") -> torch.Tensor:
-    """Whether DINO's weighted kNN classifies each test row right [M] bool: the ``knn`` task's neighbour search
-    (``knn_search``) and its vote (class score = sum of exp(s / T) over the k nearest; ties to the smaller class),
-    so ``100 * mean`` is that task's top-1 at this k."""
-    sims, indices = knn_search(train_features, test_features, k, backend=backend)
-    train_labels = train_labels.to(device=indices.device, dtype=torch.long)
-    test_labels = test_labels.to(device=indices.device, dtype=torch.long)
-    num_classes = num_classes or int(max(int(train_labels.max()), int(test_labels.max()))) + 1
-    correct = torch.empty(sims.shape[0], dtype=torch.bool, device=sims.device)
-    for start in range(0, sims.shape[0], _VOTE_ROWS):
-        rows = slice(start, start + _VOTE_ROWS)
-        scores = sims.new_zeros((sims[rows].shape[0], num_classes))
-        scores.scatter_add_(1, train_labels[indices[rows]], (sims[rows] / temperature).exp())
-        correct[rows] = scores.argmax(dim=1) == test_labels[rows]  # argmax: the first of equal maxima
-    return correct.cpu()
 
 
 # --- plots ------------------------------------------------------------------------------------------------------

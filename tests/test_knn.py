@@ -288,13 +288,16 @@ def test_task_rows():
 
     assert requests == [("train", "cls", "eval_dino"), ("val", "cls", "eval_dino")]
     values = {r.metric: r.value for r in rows}
-    assert set(values) == {"top1", "top5", "top1_k1", "top5_k1", "top1_k5", "top5_k5", "top1_k20", "top5_k20"}
+    assert set(values) == {"top1", "top5", "top1_k1", "top5_k1", "top1_k5", "top5_k5", "top1_k20", "top5_k20",
+                           "mean_per_class", "acc_many", "acc_medium", "acc_few"}
     expected = knn_classify(torch.from_numpy(x_train.numpy().astype(np.float16)).float(), y_train,
                             torch.from_numpy(x_test.numpy().astype(np.float16)).float(), y_test, ks=(1, 5, 20))
     chosen = best_k(expected)
     assert values["top1"] == expected[chosen][0] and values["top5"] == expected[chosen][1]
     assert all(values[f"top1_k{k}"] == expected[k][0] for k in (1, 5, 20))
-    assert all(r.task == "knn" and r.protocol == KNN_VERSION and r.split == "val" and r.n == 100 for r in rows)
+    assert all(r.task == "knn" and r.protocol == KNN_VERSION and r.split == "val" for r in rows)
+    assert all(r.n == 100 for r in rows if not r.metric.startswith("acc_"))  # group rows count their own images
+    assert sum(r.n for r in rows if r.metric.startswith("acc_")) == 100
     best_row = next(r for r in rows if r.metric == "top1")
     assert best_row.params["best_k"] == chosen and best_row.params["ks"] == [1, 5, 20]
     assert best_row.params["temperature"] == 0.07 and best_row.params["backend"] == "torch"

@@ -21,8 +21,7 @@ from ssl_bench.pretrain.config import make_config
 from ssl_bench.pretrain.network import build_student_teacher
 from ssl_bench.prototypes import accuracy_by_bin, cosine_to_negative_mean, kappa_bins, void_prototypes
 from ssl_bench.results import read_rows
-from ssl_bench.tasks.knn import knn_classify
-from ssl_bench.tasks.prototypes import knn_correct
+from ssl_bench.tasks.knn import knn_classify, knn_correct
 from ssl_bench.vmf import prototype_logits
 
 from replicas import make_imagefolder
