@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from ssl_bench.context import TaskContext
 from ssl_bench.errors import UserError
-from ssl_bench.longtail import group_accuracies
+from ssl_bench.longtail import GROUP_METRICS, group_accuracies
 from ssl_bench.registry import register_task
 from ssl_bench.results import ResultRow
 from ssl_bench.runtime import strict_fp32
@@ -275,8 +275,9 @@ def knn_search(
 def _count_hits(
     sims: torch.Tensor, neighbour_labels: torch.Tensor, targets: torch.Tensor, ks: list[int],
     temperature: float, num_classes: int,
-) -> dict[int, tuple[int, int]]:
-    """Top-1 / top-5 hit counts per k for one chunk of test rows (neighbours sorted by similarity).
+) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Top-1 / top-5 hits per target class (num_classes,) and per k for one chunk of test rows (neighbours sorted
+    by similarity).
 
     Class score = sum of exp(s / T) over the class's neighbours among the first k. A row is a top-1 hit when its
     class ranks first and a top-5 hit when it ranks among the first min(5, k) (dino's rule). Equal scores, the
@@ -291,15 +292,63 @@ def _count_hits(
     safe_targets = targets.clamp(0, num_classes - 1)[:, None]
     class_ids = torch.arange(num_classes, device=sims.device)[None, :]
     scores = sims.new_zeros((m, num_classes))
-    hits: dict[int, tuple[int, int]] = {}
+    hits: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     done = 0
     for k in ks:  # ascending: each k adds the votes of neighbours done..k-1 to the scores of the previous k
         scores.scatter_add_(1, neighbour_labels[:, done:k], weights[:, done:k])
         done = k
         target_score = scores.gather(1, safe_targets)
         rank = (scores > target_score).sum(1) + ((scores == target_score) & (class_ids < safe_targets)).sum(1)
-        hits[k] = (int((in_range & (rank == 0)).sum()), int((in_range & (rank < min(5, k))).sum()))
+        hits[k] = tuple(torch.zeros(num_classes, dtype=torch.long, device=sims.device).index_add_(
+            0, safe_targets[:, 0], (in_range & hit).long()) for hit in (rank == 0, rank < min(5, k)))
     return hits
+
+
+def knn_class_hits(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_features: torch.Tensor,
+    test_labels: torch.Tensor,
+    ks: Sequence[int] = DEFAULT_KS,
+    temperature: float = 0.07,
+    num_classes: int | None = None,
+    backend: str = "auto",
+    test_chunk_size: int | None = None,
+    train_chunk_size: int | None = None,
+) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """Weighted kNN hits per class, ``{k: (top1 hits, top5 hits)}``, each (num_classes,) int: how many test rows of
+    each class the classifier gets right (top-1) or ranks among its first min(5, k) classes. Arguments and rules
+    as ``knn_classify``; per-class counts are what the long-tail groups and mean per-class accuracy need."""
+    _check_inputs(train_features, train_labels, test_features, test_labels)
+    if not temperature > 0:
+        raise UserError(f"kNN temperature must be > 0; got {temperature}")
+    ks = _validate_ks(ks, train_features.shape[0])
+    device = train_features.device
+    backend = _resolve_backend(backend, device)
+    train_labels = train_labels.to(device=device, dtype=torch.long)
+    test_labels = test_labels.to(device=device, dtype=torch.long)
+    if int(train_labels.min()) < 0:
+        raise UserError(f"kNN: train labels must be >= 0; found {int(train_labels.min())}")
+    inferred = int(max(int(train_labels.max()), int(test_labels.max()))) + 1
+    if num_classes is None:
+        num_classes = inferred
+    elif int(train_labels.max()) >= num_classes:
+        raise UserError(f"kNN: train label {int(train_labels.max())} does not fit num_classes={num_classes}")
+
+    train, test = _normalize(train_features, device), _normalize(test_features, device)
+    k_max = ks[-1]
+    vote_rows = max(1, _VOTE_ELEMENTS // num_classes)
+    totals = {k: [torch.zeros(num_classes, dtype=torch.long, device=device) for _ in range(2)] for k in ks}
+    for t0, sims, indices in _neighbour_chunks(train, test, k_max, backend, test_chunk_size, train_chunk_size):
+        neighbour_labels = train_labels[indices]
+        for r0 in range(0, sims.shape[0], vote_rows):
+            rows = slice(r0, r0 + vote_rows)
+            targets = test_labels[t0 + r0:t0 + r0 + sims[rows].shape[0]]
+            for k, (top1, top5) in _count_hits(sims[rows], neighbour_labels[rows], targets, ks, temperature,
+                                               num_classes).items():
+                totals[k][0] += top1
+                totals[k][1] += top5
+    return {k: (top1.cpu().numpy(), top5.cpu().numpy()) for k, (top1, top5) in totals.items()}
 
 
 def knn_classify(
@@ -323,37 +372,10 @@ def knn_classify(
     backend: ``torch``, ``faiss`` (IndexFlatIP on CPU copies) or ``auto`` (see ``_resolve_backend``).
     Chunk sizes (test rows, train rows per block) bound memory; they do not change the results.
     """
-    _check_inputs(train_features, train_labels, test_features, test_labels)
-    if not temperature > 0:
-        raise UserError(f"kNN temperature must be > 0; got {temperature}")
-    ks = _validate_ks(ks, train_features.shape[0])
-    device = train_features.device
-    backend = _resolve_backend(backend, device)
-    train_labels = train_labels.to(device=device, dtype=torch.long)
-    test_labels = test_labels.to(device=device, dtype=torch.long)
-    if int(train_labels.min()) < 0:
-        raise UserError(f"kNN: train labels must be >= 0; found {int(train_labels.min())}")
-    inferred = int(max(int(train_labels.max()), int(test_labels.max()))) + 1
-    if num_classes is None:
-        num_classes = inferred
-    elif int(train_labels.max()) >= num_classes:
-        raise UserError(f"kNN: train label {int(train_labels.max())} does not fit num_classes={num_classes}")
-
-    train, test = _normalize(train_features, device), _normalize(test_features, device)
-    k_max = ks[-1]
-    vote_rows = max(1, _VOTE_ELEMENTS // num_classes)
-    totals = {k: [0, 0] for k in ks}
-    for t0, sims, indices in _neighbour_chunks(train, test, k_max, backend, test_chunk_size, train_chunk_size):
-        neighbour_labels = train_labels[indices]
-        for r0 in range(0, sims.shape[0], vote_rows):
-            rows = slice(r0, r0 + vote_rows)
-            targets = test_labels[t0 + r0:t0 + r0 + sims[rows].shape[0]]
-            for k, (top1, top5) in _count_hits(sims[rows], neighbour_labels[rows], targets, ks, temperature,
-                                               num_classes).items():
-                totals[k][0] += top1
-                totals[k][1] += top5
-    n_test = test.shape[0]
-    return {k: (100.0 * top1 / n_test, 100.0 * top5 / n_test) for k, (top1, top5) in totals.items()}
+    hits = knn_class_hits(train_features, train_labels, test_features, test_labels, ks, temperature, num_classes,
+                          backend, test_chunk_size, train_chunk_size)
+    n_test = test_features.shape[0]
+    return {k: (100.0 * int(top1.sum()) / n_test, 100.0 * int(top5.sum()) / n_test) for k, (top1, top5) in hits.items()}
 
 
 def knn_correct(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
@@ -401,12 +423,15 @@ def run(ctx: TaskContext, params: KnnParams) -> list[ResultRow]:
     val = ctx.features("val", params.feature, params.transform)
     if train.features.ndim != 2:
         raise UserError(f"kNN needs pooled features (N, D); feature {params.feature!r} gives shape {train.features.shape}")
+    num_classes = ctx.dataset.num_classes
     with strict_fp32():  # the protocol's answers are fp32 ones: no TF32 similarities on CUDA
-        accuracies = knn_classify(
+        hits = knn_class_hits(
             train.tensor(ctx.device), torch.from_numpy(train.labels), val.tensor(ctx.device),
-            torch.from_numpy(val.labels), ks=params.ks, temperature=params.temperature,
-            num_classes=ctx.dataset.num_classes, backend=params.backend,
+            torch.from_numpy(val.labels), ks=params.ks, temperature=params.temperature, num_classes=num_classes,
+            backend=params.backend,
         )
+    n = len(val.labels)
+    accuracies = {k: (100.0 * int(top1.sum()) / n, 100.0 * int(top5.sum()) / n) for k, (top1, top5) in hits.items()}
     chosen = best_k(accuracies)
     # The cache stores fp16 unless values overflow it; the reference classifies fp32 features, so record which.
     base = {
@@ -414,7 +439,6 @@ def run(ctx: TaskContext, params: KnnParams) -> list[ResultRow]:
         "transform": params.transform, "feature_dtype": str(train.features.dtype), "backend": params.backend,
         "backend_used": _resolve_backend(params.backend, ctx.device), "best_k": chosen,
     }
-    n = len(val.labels)
     rows: list[ResultRow] = []
     for k, (top1, top5) in accuracies.items():
         for metric, value in ((f"top1_k{k}", top1), (f"top5_k{k}", top5)):
@@ -422,18 +446,13 @@ def run(ctx: TaskContext, params: KnnParams) -> list[ResultRow]:
                                 params={**base, "k": k}, n=n))
     for metric, value in (("top1", accuracies[chosen][0]), ("top5", accuracies[chosen][1])):
         rows.append(ctx.row(task="knn", protocol=KNN_VERSION, split="val", metric=metric, value=value, params=base, n=n))
-    with strict_fp32():
-        correct = knn_correct(train.tensor(ctx.device), torch.from_numpy(train.labels), val.tensor(ctx.device),
-                              torch.from_numpy(val.labels), chosen, params.temperature, ctx.dataset.num_classes,
-                              params.backend).numpy()
-    train_counts = np.bincount(train.labels, minlength=ctx.dataset.num_classes)
-    groups = group_accuracies(correct, val.labels, train_counts, params.many_shot, params.few_shot)
+    groups = group_accuracies(hits[chosen][0], np.bincount(val.labels, minlength=num_classes),
+                              np.bincount(train.labels, minlength=num_classes), params.many_shot, params.few_shot)
     group_params = {**base, "k": chosen, "many_shot": f"> {params.many_shot}", "few_shot": f"< {params.few_shot}"}
-    for name, (value, count) in groups.items():
-        if name != "top1":
-            metric = name if name == "mean_per_class" else f"acc_{name}"
-            rows.append(ctx.row(task="knn", protocol=KNN_VERSION, split="val", metric=metric, value=value,
-                                params=group_params, n=count))
+    for name, metric in GROUP_METRICS.items():
+        value, count = groups[name]
+        rows.append(ctx.row(task="knn", protocol=KNN_VERSION, split="val", metric=metric, value=value,
+                            params=group_params, n=count))
     log.info("kNN best k=%d: top-1 %.2f %%, top-5 %.2f %%", chosen, *accuracies[chosen])
     log.debug("kNN per k: %s", accuracies)
     return rows

@@ -56,6 +56,7 @@ from ssl_bench.context import TaskContext
 from ssl_bench.errors import UserError
 from ssl_bench.features import FeatureSpec, compute_features, default_cache_dir
 from ssl_bench.io import atomic_write
+from ssl_bench.longtail import GROUP_METRICS, group_accuracies
 from ssl_bench.registry import register_task
 from ssl_bench.results import ResultRow
 from ssl_bench.runtime import autocast, dist_info, resolve_precision, strict_fp32
@@ -137,25 +138,26 @@ def cosine_lr(base_lr: float, epoch: int, epochs: int) -> float:
 @torch.no_grad()
 def evaluate_heads(
     weight: torch.Tensor, bias: torch.Tensor, x: torch.Tensor, y: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-1 and top-5 accuracy in % of every head, each (H,) on the CPU; top-5 is top-min(5, K).
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-1 and top-5 accuracy in % of every head, each (H,), and each head's top-1 hits per class (H, K), all on
+    the CPU; top-5 is top-min(5, K).
 
     A head whose parameters are no longer finite (a diverged lr) scores NaN, so that selection skips it."""
     heads, classes, _ = weight.shape
     k = min(5, classes)
-    hits1 = torch.zeros(heads, dtype=torch.long, device=x.device)
+    class_hits = torch.zeros(heads, classes, dtype=torch.long, device=x.device)
     hits5 = torch.zeros(heads, dtype=torch.long, device=x.device)
     y = y.to(x.device)
     rows = max(1, _EVAL_ELEMENTS // (heads * classes))
     for start in range(0, x.shape[0], rows):
         logits = head_logits(weight, bias, x[start:start + rows])
         top = logits.topk(k, dim=-1).indices == y[start:start + rows, None, None]  # (m, H, k)
-        hits1 += top[..., 0].sum(0)
+        class_hits.index_add_(1, y[start:start + rows], top[..., 0].T.long())
         hits5 += top.any(-1).sum(0)
     n = max(1, x.shape[0])
-    top1, top5 = (100.0 * hits1.double() / n).cpu(), (100.0 * hits5.double() / n).cpu()
+    top1, top5 = (100.0 * class_hits.sum(1).double() / n).cpu(), (100.0 * hits5.double() / n).cpu()
     finite = (torch.isfinite(weight).flatten(1).all(1) & torch.isfinite(bias).all(1)).cpu()
-    return top1.masked_fill(~finite, math.nan), top5.masked_fill(~finite, math.nan)
+    return top1.masked_fill(~finite, math.nan), top5.masked_fill(~finite, math.nan), class_hits.cpu()
 
 
 # --- training -----------------------------------------------------------------------------------------------------
@@ -169,6 +171,7 @@ class SweepResult:
     val_epochs: list[int] = field(default_factory=list)  # 1-based epoch after which each val ran
     top1: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 0, dtype=torch.float64))  # (V, H) %
     top5: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 0, dtype=torch.float64))  # (V, H) %
+    best_class_hits: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))  # (K,), at best()
     resumed_from_epoch: int = 0
 
     def best(self) -> tuple[int, int]:
@@ -190,8 +193,8 @@ def _load_state(path: Path | None, key: str) -> dict | None:
     if path is None or not path.is_file():
         return None
     state = torch.load(path, map_location="cpu", weights_only=True)
-    if state.get("key") != key:
-        log.warning("linear: ignoring %s, written for other settings", path)
+    if state.get("key") != key or "best_class_hits" not in state:
+        log.warning("linear: ignoring %s, written for other settings or by an older version", path)
         return None
     return state
 
@@ -236,12 +239,15 @@ def train_linear_heads(
     result = SweepResult(lrs=[float(lr) for lr in lrs], weight=weight, bias=bias)
     top1_rows: list[torch.Tensor] = []
     top5_rows: list[torch.Tensor] = []
+    # the per-class hits of the best (epoch, head) so far: the first maximum in (epoch, lr) order, as ``best()``
+    best_score, best_class_hits = -math.inf, torch.zeros(num_classes, dtype=torch.long)
     start = 0
     state = _load_state(path, state_key)
     if state is not None:
         weight, bias, buf_w, buf_b = state["weight"], state["bias"], state["buf_w"], state["buf_b"]
         start, result.val_epochs = int(state["epoch"]), list(state["val_epochs"])
         top1_rows, top5_rows = list(state["top1"].unbind(0)), list(state["top5"].unbind(0))
+        best_score, best_class_hits = float(state["best_score"]), state["best_class_hits"]
         result.resumed_from_epoch = start
         log.info("linear: resuming after epoch %d from %s", start, path)
     weight, bias = weight.to(device).requires_grad_(True), bias.to(device).requires_grad_(True)
@@ -265,11 +271,13 @@ def train_linear_heads(
             if steps == 0:
                 raise UserError("linear: an epoch yielded no training batches (empty train split?)")
             if epoch % val_every == 0 or epoch == epochs - 1:
-                top1, top5 = evaluate_heads(weight.detach(), bias.detach(), val_features, val_labels)
+                top1, top5, class_hits = evaluate_heads(weight.detach(), bias.detach(), val_features, val_labels)
                 top1_rows.append(top1)
                 top5_rows.append(top5)
                 result.val_epochs.append(epoch + 1)
                 best = int(torch.argmax(torch.nan_to_num(top1, nan=-math.inf)))
+                if float(torch.nan_to_num(top1, nan=-math.inf)[best]) > best_score:
+                    best_score, best_class_hits = float(top1[best]), class_hits[best].clone()
                 log.info("linear epoch %d/%d (lr factor %.4f): best head lr %.3g top-1 %.2f %%", epoch + 1, epochs,
                          factor, result.lrs[best], float(top1[best]))
             if path is not None and info.is_main:
@@ -277,10 +285,12 @@ def train_linear_heads(
                     "key": state_key, "epoch": epoch + 1, "weight": weight.detach().cpu(),
                     "bias": bias.detach().cpu(), "buf_w": buf_w.cpu(), "buf_b": buf_b.cpu(),
                     "val_epochs": list(result.val_epochs), "top1": _stack(top1_rows, len(lrs)),
-                    "top5": _stack(top5_rows, len(lrs)),
+                    "top5": _stack(top5_rows, len(lrs)), "best_score": best_score,
+                    "best_class_hits": best_class_hits,
                 })
     result.weight, result.bias = weight.detach(), bias.detach()
     result.top1, result.top5 = _stack(top1_rows, len(lrs)), _stack(top5_rows, len(lrs))
+    result.best_class_hits = best_class_hits
     return result
 
 
@@ -349,6 +359,9 @@ class LinearParams:
     seed: int = 0
     val_every: int = 1
     state_dir: str = "auto"  # resume state; auto = <feature cache>/linear-state (off with --no-cache); none = off
+    # long-tail groups by training images per class (rows acc_many / acc_medium / acc_few, mean_per_class)
+    many_shot: int = 100
+    few_shot: int = 20
 
 
 def _state_root(ctx: TaskContext, params: LinearParams) -> Path | None:
@@ -401,7 +414,7 @@ def run(ctx: TaskContext, params: LinearParams) -> list[ResultRow]:
             "train": ctx.dataset.split("train").manifest_sha256(), "val": ctx.dataset.split("val").manifest_sha256(),
             "train_transform": train_transform.key, "val_transform": val_transform.key, "precision": precision,
             "lrs": lrs, "world_size": info.world_size, "workers": None if params.fast else ctx.workers,
-            **{k: v for k, v in dataclasses.asdict(params).items() if k not in ("state_dir", "lrs", "recipe")},
+            **{k: v for k, v in dataclasses.asdict(params).items() if k not in ("state_dir", "lrs", "recipe", "many_shot", "few_shot")},
         }, sort_keys=True)
         state_path = state_root / f"linear-{hashlib.sha256(state_key.encode()).hexdigest()[:24]}.pt"
     result = train_linear_heads(
@@ -434,6 +447,15 @@ def run(ctx: TaskContext, params: LinearParams) -> list[ResultRow]:
         metrics.append((f"top5_{recipe}{suffix}", top5))
     rows = [ctx.row(task="linear", protocol=protocol, split="val", metric=metric, value=value, params=base, n=n)
             for metric, value in metrics]
+    num_classes = ctx.dataset.num_classes
+    groups = group_accuracies(result.best_class_hits.numpy(), np.bincount(val.labels, minlength=num_classes),
+                              np.bincount(ctx.dataset.split("train").labels, minlength=num_classes),
+                              params.many_shot, params.few_shot)
+    group_params = {**base, "many_shot": f"> {params.many_shot}", "few_shot": f"< {params.few_shot}"}
+    for name, metric in GROUP_METRICS.items():
+        value, count = groups[name]
+        rows.append(ctx.row(task="linear", protocol=protocol, split="val", metric=f"{metric}_{recipe}{suffix}",
+                            value=value, params=group_params, n=count))
     if state_path is not None and info.is_main:
         state_path.unlink(missing_ok=True)
     log.info("linear [%s%s] best lr %g (base %g) after epoch %d: top-1 %.2f %%, top-5 %.2f %%", recipe, suffix,

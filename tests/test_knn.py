@@ -14,7 +14,7 @@ from ssl_bench.context import TaskContext
 from ssl_bench.errors import UserError
 from ssl_bench.features import Features
 from ssl_bench.registry import _TASKS, parse_params
-from ssl_bench.tasks.knn import KNN_VERSION, KnnParams, best_k, knn_classify, knn_search, run
+from ssl_bench.tasks.knn import KNN_VERSION, KnnParams, best_k, knn_class_hits, knn_classify, knn_search, run
 
 
 def _deg(angle: float, radius: float = 1.0) -> list[float]:
@@ -89,6 +89,18 @@ def test_top5_ranking_with_seven_classes():
     swapped = torch.tensor([0, 1, 2, 3, 3, 5, 4, 6])
     result = knn_classify(TRAIN_B, swapped, TEST_B[:2], torch.tensor([0, 5]), ks=(5, 6), temperature=0.1)
     assert result == {5: (50.0, 50.0), 6: (50.0, 100.0)}
+
+
+def test_hits_per_class_by_hand():
+    # Example 2 at T = 0.1, k = 5, targets 0, 4, 5: the class-0 row is a top-1 and top-5 hit, the class-4 row a
+    # top-5 hit only (5th, without a vote), the class-5 row neither (6th); the other classes have no test rows.
+    hits = knn_class_hits(TRAIN_B, LABELS_B, TEST_B, TARGETS_B, ks=(5,), temperature=0.1)
+    top1, top5 = hits[5]
+    assert top1.tolist() == [1, 0, 0, 0, 0, 0, 0] and top5.tolist() == [1, 0, 0, 0, 1, 0, 0]
+    # a target outside the classes is never a hit and adds no count
+    top1, top5 = knn_class_hits(TRAIN_B, LABELS_B, TEST_B, torch.tensor([0, 9, 4]), ks=(6,), temperature=0.1,
+                                num_classes=7)[6]
+    assert top1.tolist() == [1, 0, 0, 0, 0, 0, 0] and top5.tolist() == [1, 0, 0, 0, 1, 0, 0]
 
 
 def test_two_neighbours_outvote_a_closer_one_when_their_weights_add_up():

@@ -162,8 +162,9 @@ def test_evaluate_heads_by_hand():
     y = torch.tensor([0, 4])
     eye = torch.eye(6)
     weight = torch.stack([eye, -eye, torch.full((6, 6), math.nan)])
-    top1, top5 = evaluate_heads(weight, torch.zeros(3, 6), x, y)
+    top1, top5, class_hits = evaluate_heads(weight, torch.zeros(3, 6), x, y)
     assert top1[:2].tolist() == [50.0, 0.0] and top5[:2].tolist() == [100.0, 50.0]
+    assert class_hits[:2].tolist() == [[1, 0, 0, 0, 0, 0], [0] * 6]  # head 0 gets the class-0 row right
     assert math.isnan(top1[2]) and math.isnan(top5[2])
 
 
@@ -240,6 +241,9 @@ def test_a_killed_run_resumes_where_it_stopped(tmp_path):
     assert resumed.resumed_from_epoch == 3 and resumed.val_epochs == whole.val_epochs == [1, 3, 5]
     assert torch.equal(resumed.weight, whole.weight) and torch.equal(resumed.bias, whole.bias)
     assert torch.equal(resumed.top1, whole.top1) and torch.equal(resumed.top5, whole.top5)
+    assert torch.equal(resumed.best_class_hits, whole.best_class_hits)
+    v, head = whole.best()  # the per-class hits are those of the selected (epoch, lr)
+    assert 100.0 * int(whole.best_class_hits.sum()) / len(y_val) == pytest.approx(float(whole.top1[v, head]))
     other = train_linear_heads(batches, x_val, y_val, 6, lrs, epochs=epochs, val_every=2, state_path=state,
                                state_key="other settings")
     assert other.resumed_from_epoch == 0 and torch.equal(other.weight, whole.weight)
@@ -301,7 +305,12 @@ def test_cli_fast_and_full_protocol_rows_land_in_the_csv(tmp_path):
     assert out.exit_code == 0, out.output
 
     rows = {r.metric: r for r in read_rows(results)}
-    assert set(rows) == {"top1_D_fast", "top5_D_fast", "top1_C", "top5_C"}
+    groups = {f"{m}_{recipe}" for m in ("mean_per_class", "acc_many", "acc_medium", "acc_few") for recipe in
+              ("D_fast", "C")}
+    assert set(rows) == {"top1_D_fast", "top5_D_fast", "top1_C", "top5_C"} | groups
+    # balanced digits: every class has 100-150 training images, so all 450 val images are many- or medium-shot
+    assert rows["acc_few_C"].n == 0 and rows["acc_many_C"].n + rows["acc_medium_C"].n == 450
+    rows = {m: r for m, r in rows.items() if m not in groups}
     fast, full = rows["top1_D_fast"], rows["top1_C"]
     assert fast.protocol == LINEAR_FAST_VERSION and rows["top5_D_fast"].protocol == LINEAR_FAST_VERSION
     assert full.protocol == LINEAR_VERSION and rows["top5_C"].protocol == LINEAR_VERSION

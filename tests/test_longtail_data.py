@@ -10,7 +10,7 @@ from PIL import Image
 
 from ssl_bench.data import long_tail_counts, resolve_dataset
 from ssl_bench.errors import UserError
-from ssl_bench.longtail import group_accuracies, shot_groups
+from ssl_bench.longtail import class_hits, group_accuracies, shot_groups
 
 
 def test_long_tail_profile_by_hand():
@@ -82,30 +82,39 @@ def test_group_accuracies_by_hand():
     # classes with 150 / 50 / 5 training images: many, medium, few
     correct = np.array([True, True, False, True, False, True])
     labels = np.array([0, 0, 0, 1, 2, 2])
-    groups = group_accuracies(correct, labels, np.array([150, 50, 5]))
+    hits, counts = class_hits(correct, labels, 3)
+    assert hits.tolist() == [2, 1, 1] and counts.tolist() == [3, 1, 2]
+    groups = group_accuracies(hits, counts, np.array([150, 50, 5]))
     assert groups["top1"] == pytest.approx((400 / 6, 6))
     assert groups["many"] == pytest.approx((200 / 3, 3)) and groups["medium"] == (100.0, 1)
     assert groups["few"] == (50.0, 2)
     assert groups["mean_per_class"][0] == pytest.approx((200 / 3 + 100 + 50) / 3)
-    moved = group_accuracies(correct, labels, np.array([150, 50, 5]), many=40, few=10)  # thresholds are options
+    moved = group_accuracies(hits, counts, np.array([150, 50, 5]), many=40, few=10)  # thresholds are options
     assert moved["many"] == pytest.approx((300 / 4, 4)) and np.isnan(moved["medium"][0])
     assert shot_groups(np.array([101, 100, 20, 19])).tolist() == ["many", "medium", "medium", "few"]
 
 
-def test_knn_on_digits_lt_reports_the_shot_groups(tmp_path):
+def test_knn_and_linear_on_digits_lt_report_the_shot_groups(tmp_path):
     from click.testing import CliRunner
 
     from ssl_bench.cli import cli
     from ssl_bench.results import read_rows
 
     results = tmp_path / "lt.csv"
-    out = CliRunner().invoke(cli, ["-q", "run", "--task", "knn", "--model", "vit_nano_patch4_32", "--data",
-                                   "builtin:digits-lt", "--workers", "0", "--results", str(results),
+    out = CliRunner().invoke(cli, ["-q", "run", "--task", "knn,linear", "--model", "vit_nano_patch4_32", "--data",
+                                   "builtin:digits-lt", "--workers", "0", "--results", str(results), "-p",
+                                   "linear.fast=true", "-p", "linear.epochs=3", "-p", "linear.lrs=0.1,1",
                                    "--cache-dir", str(tmp_path / "cache")], catch_exceptions=False)
     assert out.exit_code == 0, out.output
-    rows = {r.metric: r for r in read_rows(results)}
-    # digits-lt: class 0 keeps > 100 training images, classes 1-3 have 20-100, classes 4-9 fewer than 20
-    assert (rows["acc_many"].n, rows["acc_medium"].n, rows["acc_few"].n) == (45, 136, 269)
-    assert rows["acc_few"].params["few_shot"] == "< 20" and rows["acc_many"].params["k"] == rows["top1"].params["best_k"]
-    weighted = sum(rows[f"acc_{g}"].value * rows[f"acc_{g}"].n for g in ("many", "medium", "few")) / 450
-    assert weighted == pytest.approx(rows["top1"].value, abs=1e-6)
+    for task, suffix in (("knn", ""), ("linear", "_D_fast")):
+        rows = {r.metric: r for r in read_rows(results) if r.task == task}
+        top1 = rows[f"top1{suffix}"]
+        many, medium, few = (rows[f"acc_{g}{suffix}"] for g in ("many", "medium", "few"))
+        # digits-lt: class 0 keeps > 100 training images, classes 1-3 have 20-100, classes 4-9 fewer than 20
+        assert (many.n, medium.n, few.n) == (45, 136, 269)
+        assert few.params["few_shot"] == "< 20" and many.params["many_shot"] == "> 100"
+        weighted = (many.value * many.n + medium.value * medium.n + few.value * few.n) / 450
+        assert weighted == pytest.approx(top1.value, abs=1e-6)
+        assert 0 <= rows[f"mean_per_class{suffix}"].value <= 100
+    knn = {r.metric: r for r in read_rows(results) if r.task == "knn"}
+    assert knn["acc_many"].params["k"] == knn["top1"].params["best_k"]
