@@ -227,6 +227,26 @@ def _print_leaderboard(results_dir: str, task: str | None = None, dataset: str |
     click.echo(f"\nleaderboard written to {path}")
 
 
+@cli.command("report")
+@click.option("--study", required=True, type=click.Choice(["longtail"]),
+              help="longtail: accuracy per class-frequency group (knn, linear) and unique prototypes, per model.")
+@click.option("--results-dir", default=DEFAULT_RESULTS_DIR, show_default=True)
+@click.option("--dataset", default=None, help="Only rows of this dataset (e.g. digits-lt, inat2018).")
+@click.option("--unique-at", default=0.9, show_default=True, type=click.FloatRange(-1, 1),
+              help="Cosine threshold of the unique-prototype column (a threshold the prototypes task ran).")
+@click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
+              help="Report folder (default: <results-dir>/reports).")
+def report_cmd(study: str, results_dir: str, dataset: str | None, unique_at: float, out_dir: str | None) -> None:
+    """Write a study's CSV and PNG plot from the result rows in the results folder, and print the table."""
+    from .report import LONGTAIL_COLUMNS, as_text, write_longtail_report
+    from .results import format_table
+
+    csv_path, png_path, records = write_longtail_report(results_dir, out_dir, dataset, unique_at)
+    shown = [c for c in LONGTAIL_COLUMNS if c not in ("method", "many_shot", "few_shot", "unique_at")]
+    click.echo(format_table(shown, as_text(records)))
+    click.echo(f"\n{study} report: {csv_path} and {png_path}")
+
+
 @cli.command("demo")
 @click.option("--results-dir", default=DEFAULT_RESULTS_DIR, show_default=True)
 @click.option("--runs-dir", default="runs", show_default=True, help="Where the demo's pretraining run is kept.")

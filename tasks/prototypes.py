@@ -18,7 +18,6 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -26,9 +25,9 @@ import torch
 from ssl_bench.context import TaskContext
 from ssl_bench.errors import UserError
 from ssl_bench.head_weights import assign_prototypes, read_head
-from ssl_bench.io import atomic_write
 from ssl_bench.prototypes import (accuracy_by_bin, cosine_to_negative_mean, duplicate_set_sizes, kappa_bins,
                                   unique_prototypes, void_prototypes)
+from ssl_bench.plots import save_line_plot
 from ssl_bench.registry import register_task
 from ssl_bench.results import ResultRow
 from ssl_bench.runtime import dist_info, strict_fp32
@@ -52,29 +51,6 @@ def plot_dir(ctx: TaskContext) -> Path:
     results = ctx.extra.get("results")
     base = Path(results).parent / "prototypes" if results else Path("results") / "prototypes"
     return base / _slug(ctx.model_label or ctx.backbone.label)
-
-
-def _draw(tmp: str, x: Sequence[float], y: Sequence[float], labels: Sequence[str], title: str,
-                     xlabel: str, ylabel: str) -> None:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(6.4, 4.4), dpi=100)
-    FigureCanvasAgg(figure)
-    axes = figure.subplots()
-    axes.plot(x, y, marker="o")
-    axes.set_xticks(list(x), list(labels), rotation=45 if len(x) > 8 else 0)
-    axes.set(title=title, xlabel=xlabel, ylabel=ylabel)
-    axes.grid(alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(tmp, format="png")
-
-
-def save_plot(path: Path, x: Sequence[float], y: Sequence[float], labels: Sequence[str], title: str, xlabel: str,
-              ylabel: str) -> Path:
-    """A line plot of y against x (tick ``labels`` at x; nan points left out) written atomically as a PNG."""
-    atomic_write(path, lambda tmp: _draw(tmp, x, y, labels, title, xlabel, ylabel))
-    return path
 
 
 # --- the task ---------------------------------------------------------------------------------------------------
@@ -144,9 +120,9 @@ def run(ctx: TaskContext, params: PrototypesParams) -> list[ResultRow]:
     plots = {"unique": str(folder / "unique_vs_threshold.png"), "kappa_knn": str(folder / "kappa_vs_knn.png")}
     if dist_info().is_main:
         thresholds = list(unique)
-        save_plot(Path(plots["unique"]), thresholds, [unique[t][0] for t in thresholds], [f"{t:g}" for t in thresholds],
+        save_line_plot(Path(plots["unique"]), thresholds, [unique[t][0] for t in thresholds], [f"{t:g}" for t in thresholds],
                   f"unique prototypes (K = {n_prototypes})", "cosine threshold", "unique prototypes")
-        save_plot(Path(plots["kappa_knn"]), list(range(params.bins)), bin_accuracy.tolist(),
+        save_line_plot(Path(plots["kappa_knn"]), list(range(params.bins)), bin_accuracy.tolist(),
                   [f"{float(e):.3g}" for e in edges[1:]], f"{params.k}-NN accuracy by prototype kappa (val)",
                   "kappa percentile bin (upper edge)", "kNN top-1 (%)")
 

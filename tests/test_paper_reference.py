@@ -68,3 +68,20 @@ def test_dino_vits_transfer_average(rows):
     published = _value(rows, model, "transfer", "average", "score")
     assert published == pytest.approx(81.8)
     assert sum(per_dataset) / len(per_dataset) == pytest.approx(published, abs=0.1)
+
+
+@pytest.mark.parametrize(
+    ("model", "dataset", "unique", "total"),
+    [
+        ("DINO ViT-S/16 [paper]", "imagenet", 1078, 65536),
+        ("iBOT-vMF ViT-B/16 [paper]", "imagenet", 1170, 8192),
+        ("iBOT ViT-L/16 IN-22K [paper]", "imagenet22k", 969, 8192),
+        ("EsViT Swin-T/7 [paper]", "imagenet", 1157, 65536),
+        ("DINO ResNet-50 [paper]", "imagenet", 984, 60000),
+    ],
+)
+def test_prototype_utilisation_counts(rows, model, dataset, unique, total):
+    assert _value(rows, model, "prototypes", dataset, "unique_prototypes") == unique
+    assert _value(rows, model, "prototypes", dataset, "n_prototypes") == total
+    source = next(r for r in rows if r.model == model and r.metric == "unique_prototypes").params["source"]
+    assert "Partial Prototype Collapse" in source
