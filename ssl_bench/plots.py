@@ -51,6 +51,7 @@ def save_grouped_bars(path: Path, panels: Sequence[tuple[str, dict[str, Sequence
             ax.set_xticks(range(len(categories)), list(categories))
             ax.set(title=title, ylabel=ylabel)
             ax.grid(axis="y", alpha=0.3)
-            ax.legend(fontsize="small")
+            ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.08))  # below: bars stay visible
 
-    return _save(path, max(1, len(panels)), draw)
+    most = max((len(series) for _, series in panels), default=1)
+    return _save(path, max(1, len(panels)), draw, height=4.0 + 0.2 * most)

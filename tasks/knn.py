@@ -374,7 +374,11 @@ def knn_classify(
     """
     hits = knn_class_hits(train_features, train_labels, test_features, test_labels, ks, temperature, num_classes,
                           backend, test_chunk_size, train_chunk_size)
-    n_test = test_features.shape[0]
+    return hits_to_accuracies(hits, test_features.shape[0])
+
+
+def hits_to_accuracies(hits: dict[int, tuple[np.ndarray, np.ndarray]], n_test: int) -> dict[int, tuple[float, float]]:
+    """``{k: (top1 %, top5 %)}`` over all ``n_test`` test rows from per-class hits (``knn_class_hits``)."""
     return {k: (100.0 * int(top1.sum()) / n_test, 100.0 * int(top5.sum()) / n_test) for k, (top1, top5) in hits.items()}
 
 
@@ -431,7 +435,7 @@ def run(ctx: TaskContext, params: KnnParams) -> list[ResultRow]:
             backend=params.backend,
         )
     n = len(val.labels)
-    accuracies = {k: (100.0 * int(top1.sum()) / n, 100.0 * int(top5.sum()) / n) for k, (top1, top5) in hits.items()}
+    accuracies = hits_to_accuracies(hits, n)
     chosen = best_k(accuracies)
     # The cache stores fp16 unless values overflow it; the reference classifies fp32 features, so record which.
     base = {
