@@ -108,7 +108,7 @@ def main() -> None:
         def cpu_multicrop() -> int:
             return sum(len(crops[0].to(device, non_blocking=True)) for crops, _, _ in multicrop_loader(False))
 
-        device_crops = DeviceMultiCrop.from_augmentation(augmentation)
+        device_crops = DeviceMultiCrop(augmentation)
 
         def device_multicrop() -> int:
             made = 0

@@ -33,7 +33,7 @@ the batch's largest height and width; bucket very large images, or shrink them a
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Sequence
 
 import numpy as np
@@ -400,52 +400,31 @@ def _as_batch(images: Sequence[Tensor] | Tensor) -> tuple[Tensor, list[tuple[int
 
 @dataclass(frozen=True)
 class DeviceMultiCrop:
-    """DINO multi-crop on the images' device; fields mirror :class:`MultiCropAugmentation` plus the run's seed.
+    """DINO multi-crop on the images' device, with the settings of a :class:`MultiCropAugmentation` (sizes, local
+    crop count, scales, blur sigma: one source for both pipelines) and the run's seed.
 
-    ``crops = DeviceMultiCrop(seed=run_seed)(images, indices, epoch)`` gives the same list as
+    ``crops = DeviceMultiCrop(augmentation, seed=run_seed)(images, indices, epoch)`` gives the same list as
     ``collate_multicrop`` of the CPU pipeline; each crop depends on (seed, epoch, index) and the image only.
     """
 
-    global_size: int = 224
-    local_size: int = 96
-    n_local: int = 10
-    global_scale: tuple[float, float] = (0.4, 1.0)
-    local_scale: tuple[float, float] = (0.05, 0.4)
-    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    augmentation: MultiCropAugmentation = field(default_factory=MultiCropAugmentation)
     seed: int = 0
 
     def __post_init__(self) -> None:
-        # Reuse the CPU pipeline's checks (and its list -> tuple conversion of YAML values).
-        checked = MultiCropAugmentation(self.global_size, self.local_size, self.n_local, self.global_scale,
-                                        self.local_scale, self.blur_sigma)
-        for name in ("global_scale", "local_scale", "blur_sigma"):
-            object.__setattr__(self, name, getattr(checked, name))
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
-
-    @classmethod
-    def from_augmentation(cls, augmentation: MultiCropAugmentation, seed: int = 0) -> DeviceMultiCrop:
-        return cls(augmentation.global_size, augmentation.local_size, augmentation.n_local,
-                   augmentation.global_scale, augmentation.local_scale, augmentation.blur_sigma, seed)
-
-    @property
-    def n_crops(self) -> int:
-        return 2 + self.n_local
-
-    @property
-    def crop_sizes(self) -> list[int]:
-        return [self.global_size] * 2 + [self.local_size] * self.n_local
 
     def sample_params(self, height: int, width: int, rng: np.random.Generator) -> CropParams:
         """Every random choice for one image of size (height, width), crops in output order.
 
         All draws are made whether or not they are used, so the stream never depends on an earlier outcome.
         """
-        n = self.n_crops
-        scale = np.array([self.global_scale] * 2 + [self.local_scale] * self.n_local)
+        settings = self.augmentation
+        n, n_local = settings.n_crops, settings.n_local
+        scale = np.array([settings.global_scale] * 2 + [settings.local_scale] * n_local)
         boxes = sample_boxes(height, width, scale, rng)
-        blur_p = np.array(BLUR_P[:2] + (BLUR_P[2],) * self.n_local)
-        solarize_p = np.array((0.0, SOLARIZE_P) + (0.0,) * self.n_local)
+        blur_p = np.array(BLUR_P[:2] + (BLUR_P[2],) * n_local)
+        solarize_p = np.array((0.0, SOLARIZE_P) + (0.0,) * n_local)
         return CropParams(
             boxes=boxes,
             flip=rng.random(n) < FLIP_P,
@@ -454,7 +433,7 @@ class DeviceMultiCrop:
             factors=rng.uniform(JITTER_LOW, JITTER_HIGH, (n, 4)),
             gray=rng.random(n) < GRAY_P,
             blur=rng.random(n) < blur_p,
-            sigma=rng.uniform(self.blur_sigma[0], self.blur_sigma[1], n),
+            sigma=rng.uniform(settings.blur_sigma[0], settings.blur_sigma[1], n),
             solarize=rng.random(n) < solarize_p,
         )
 
@@ -480,7 +459,8 @@ class DeviceMultiCrop:
 
     def _crops(self, batch: Tensor, params: Sequence[CropParams]) -> list[Tensor]:
         crops: list[Tensor] = []
-        for size, rows in ((self.global_size, slice(0, 2)), (self.local_size, slice(2, self.n_crops))):
+        settings = self.augmentation
+        for size, rows in ((settings.global_size, slice(0, 2)), (settings.local_size, slice(2, settings.n_crops))):
             if rows.stop <= rows.start:
                 continue
             boxes = torch.from_numpy(np.stack([p.boxes[rows] for p in params]))  # [B, K, 4]

@@ -130,7 +130,7 @@ class Trainer:
         self.steps_per_epoch = len(self.loader)
         self.device_augment = None  # the device pipeline: decode + multi-crop on self.device
         if self.dataset.encoded is not None:
-            self.device_augment = DeviceMultiCrop.from_augmentation(self.dataset.augmentation, seed=config.seed)
+            self.device_augment = DeviceMultiCrop(self.dataset.augmentation, seed=config.seed)
         self.student_module, self.teacher = student.to(self.device), teacher.to(self.device)
         self.student: nn.Module = self.student_module
         if self.info.world_size > 1:

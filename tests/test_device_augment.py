@@ -256,7 +256,7 @@ def _binomial_ok(hits: np.ndarray, p: float) -> bool:
 
 
 def test_random_choices_follow_the_recipe_probabilities():
-    aug = DeviceMultiCrop(**TINY)
+    aug = DeviceMultiCrop(MultiCropAugmentation(**TINY))
     params = [aug.sample_params(64, 80, np.random.default_rng([i, 2])) for i in range(3000)]
     stacked = {name: np.stack([getattr(p, name) for p in params]) for name in
                ("flip", "jitter", "gray", "blur", "solarize", "sigma", "factors", "order")}
@@ -291,7 +291,7 @@ def _images() -> list[torch.Tensor]:
 
 
 def test_output_shapes_dtype_and_normalisation():
-    aug = DeviceMultiCrop(**TINY, seed=3)
+    aug = DeviceMultiCrop(MultiCropAugmentation(**TINY), seed=3)
     crops = aug(_images(), [0, 1, 2, 3], epoch=0)
     assert [tuple(c.shape) for c in crops] == [(4, 3, 32, 32)] * 2 + [(4, 3, 16, 16)] * 3
     assert all(c.dtype == torch.float32 and c.is_contiguous() for c in crops)
@@ -311,7 +311,7 @@ def test_output_shapes_dtype_and_normalisation():
 
 def test_pipeline_is_the_composition_of_torchvision_ops():
     """Each output crop equals torchvision's ops applied with that crop's parameters (wiring and crop order)."""
-    aug = DeviceMultiCrop(**TINY)
+    aug = DeviceMultiCrop(MultiCropAugmentation(**TINY))
     images = _images()[:3]
     params = [aug.sample_params(im.shape[1], im.shape[2], np.random.default_rng([i, 9])) for i, im in enumerate(images)]
     # Force every branch somewhere in the batch.
@@ -319,7 +319,7 @@ def test_pipeline_is_the_composition_of_torchvision_ops():
     crops = aug.apply(images, params)
     jitter_fns = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
     for b, (image, p) in enumerate(zip(images, params)):
-        for k, size in enumerate(aug.crop_sizes):
+        for k, size in enumerate(aug.augmentation.crop_sizes):
             x = TF.resized_crop(image.float() / 255, *p.boxes[k].tolist(), [size, size], InterpolationMode.BICUBIC,
                                 antialias=True).clamp(0, 1)
             if p.flip[k]:
@@ -338,7 +338,7 @@ def test_pipeline_is_the_composition_of_torchvision_ops():
 
 
 def test_crops_depend_on_seed_epoch_and_index_only():
-    aug = DeviceMultiCrop(**TINY, seed=7)
+    aug = DeviceMultiCrop(MultiCropAugmentation(**TINY), seed=7)
     images = _images()
     full = aug(images, [10, 11, 12, 13], epoch=3)
     again = aug(images, [10, 11, 12, 13], epoch=3)
@@ -357,20 +357,20 @@ def test_crops_depend_on_seed_epoch_and_index_only():
     assert all(np.array_equal(getattr(p_full, f), getattr(p_again, f)) for f in CropParams.__dataclass_fields__)
     # A new epoch or run seed draws new crops.
     other_epoch = aug(images, [10, 11, 12, 13], epoch=4)
-    other_seed = DeviceMultiCrop(**TINY, seed=8)(images, [10, 11, 12, 13], epoch=3)
+    other_seed = DeviceMultiCrop(MultiCropAugmentation(**TINY), seed=8)(images, [10, 11, 12, 13], epoch=3)
     for other in (other_epoch, other_seed):
         assert all((a - b).abs().max() > 0.1 for a, b in zip(full, other))
 
 
-def test_config_mirrors_the_cpu_pipeline():
+def test_settings_come_from_the_cpu_pipeline():
     cpu = MultiCropAugmentation(global_size=64, local_size=32, n_local=4, local_scale=[0.1, 0.3])
-    aug = DeviceMultiCrop.from_augmentation(cpu, seed=5)
-    assert (aug.global_size, aug.local_size, aug.n_local, aug.seed) == (64, 32, 4, 5)
-    assert aug.local_scale == (0.1, 0.3) and aug.crop_sizes == cpu.crop_sizes
-    with pytest.raises(ValueError, match="n_local"):
-        DeviceMultiCrop(n_local=-1)
-    with pytest.raises(ValueError, match="blur_sigma"):
-        DeviceMultiCrop(blur_sigma=(0.0, 2.0))
+    aug = DeviceMultiCrop(cpu, seed=5)
+    assert aug.augmentation is cpu and aug.seed == 5 and DeviceMultiCrop().augmentation == MultiCropAugmentation()
+    # the 4 local crops at 32 px: the CPU settings decide the device pipeline's output
+    crops = aug(_images()[:2], [0, 1], epoch=0)
+    assert [c.shape[-1] for c in crops] == cpu.crop_sizes
+    with pytest.raises(ValueError, match="seed"):
+        DeviceMultiCrop(cpu, seed=-1)
 
 
 @pytest.mark.parametrize("images, indices, match", [
@@ -390,7 +390,7 @@ def test_config_mirrors_the_cpu_pipeline():
 ])
 def test_bad_input_raises_clear_error(images, indices, match):
     with pytest.raises(ValueError, match=match):
-        DeviceMultiCrop(**TINY)(images, indices, epoch=0)
+        DeviceMultiCrop(MultiCropAugmentation(**TINY))(images, indices, epoch=0)
 
 
 def test_op_argument_errors():
@@ -399,7 +399,7 @@ def test_op_argument_errors():
         gaussian_blur(x, [1.0, 1.0], kind="box")
     with pytest.raises(ValueError, match="2 images but 3 sigmas"):
         gaussian_blur(x, [1.0, 1.0, 1.0])
-    aug = DeviceMultiCrop(**TINY)
+    aug = DeviceMultiCrop(MultiCropAugmentation(**TINY))
     one = [aug.sample_params(20, 20, np.random.default_rng(0))]
     with pytest.raises(ValueError, match="parameters for 1"):
         aug.apply([torch.zeros(3, 20, 20, dtype=torch.uint8)] * 2, one)
@@ -408,7 +408,7 @@ def test_op_argument_errors():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_matches_cpu():
     # Same parameters, different device: float rounding only (a threshold op may flip a rare pixel).
-    aug = DeviceMultiCrop(**TINY, seed=1)
+    aug = DeviceMultiCrop(MultiCropAugmentation(**TINY), seed=1)
     images = _images()
     on_cpu = aug(images, [0, 1, 2, 3], epoch=0)
     on_gpu = aug([im.cuda() for im in images], [0, 1, 2, 3], epoch=0)
