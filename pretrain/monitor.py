@@ -23,6 +23,20 @@ def kl_to_uniform(probs: Tensor) -> Tensor:
     return math.log(probs.shape[-1]) + torch.special.xlogy(mean, mean).sum()
 
 
+def collapse_warning(entropy: float, kl_uniform: float, n_prototypes: int, tolerance: float = 0.01) -> str | None:
+    """A sentence when an epoch's mean teacher statistics are those of a collapsed run, else None: uniform output
+    (entropy within ``tolerance`` of log K and KL(mean || uniform) below ``tolerance``: every image gets the same
+    flat distribution) or one prototype for every image (KL above (1 - tolerance) log K)."""
+    log_k = math.log(n_prototypes)
+    if entropy > log_k * (1 - tolerance) and kl_uniform < tolerance:
+        return (f"the teacher's output is uniform over its {n_prototypes} prototypes (entropy {entropy:.3f} of "
+                f"log K = {log_k:.3f}, KL to uniform {kl_uniform:.4f}): the representation has collapsed")
+    if kl_uniform > log_k * (1 - tolerance):
+        return (f"the teacher puts every image on one prototype (KL of its mean output to uniform {kl_uniform:.3f} "
+                f"of log K = {log_k:.3f}): the representation has collapsed")
+    return None
+
+
 def norm_stats(norms: Tensor) -> dict[str, float]:
     """min, mean, max and the 5th / 50th / 95th percentiles of the prototype norms [K], as floats."""
     values = norms.detach().double().flatten()

@@ -30,7 +30,7 @@ from .device_augment import DeviceMultiCrop
 from .dino_loss import dino_cross_entropy
 from .ibot_loss import masked_patch_cross_entropy
 from .koleo import koleo_loss
-from .monitor import kl_to_uniform, norm_stats, teacher_entropy
+from .monitor import collapse_warning, kl_to_uniform, norm_stats, teacher_entropy
 from .multicrop import MultiCropAugmentation, MultiCropDataset, collate_multicrop
 from .network import NetOutput, build_student_teacher
 from .schedules import cosine_schedule, teacher_temperature
@@ -328,6 +328,9 @@ class Trainer:
                 save_checkpoint(self.checkpoint_path, config, self.state(epoch + 1))
                 log.info("epoch %d: loss %.4f, teacher entropy %.3f, unique prototypes %d", epoch,
                          record["loss"], record["teacher_entropy"], record[f"unique_protos@{config.unique_threshold}"])
+                collapse = collapse_warning(record["teacher_entropy"], record["kl_uniform"], config.out_dim)
+                if collapse:
+                    log.warning("epoch %d: %s", epoch, collapse)
             if self.info.world_size > 1:
                 dist.barrier()
         if self.info.is_main:

@@ -14,7 +14,7 @@ import torch.multiprocessing as tmp_mp
 from ssl_bench.pretrain.centering import LogitCentering, ProbabilityCentering, make_centering
 from ssl_bench.pretrain.dino_loss import dino_cross_entropy
 from ssl_bench.dino_head import DINOHead, HeadOutput
-from ssl_bench.pretrain.monitor import kl_to_uniform, norm_stats, teacher_entropy
+from ssl_bench.pretrain.monitor import collapse_warning, kl_to_uniform, norm_stats, teacher_entropy
 
 LN3 = math.log(3.0)
 
@@ -263,5 +263,12 @@ def test_monitor_statistics_by_hand():
     assert kl_to_uniform(one_hot).item() == pytest.approx(math.log(4))  # collapse onto one prototype
     spread = torch.eye(4)  # sharp rows, evenly used prototypes: entropy 0, KL 0
     assert teacher_entropy(spread).item() == pytest.approx(0.0) and kl_to_uniform(spread).item() == pytest.approx(0.0, abs=1e-7)
+    # the collapse warning: uniform rows and one prototype for all are named, sharp evenly used rows are healthy
+    assert "uniform" in collapse_warning(teacher_entropy(uniform).item(), kl_to_uniform(uniform).item(), 4)
+    assert "one prototype" in collapse_warning(teacher_entropy(one_hot).item(), kl_to_uniform(one_hot).item(), 4)
+    assert collapse_warning(teacher_entropy(spread).item(), kl_to_uniform(spread).item(), 4) is None
+    # the six tiny digits-lt runs of the long-tail study ended at entropy 6.930-6.931, KL 1e-4-3e-4 with K = 1024
+    assert "collapsed" in collapse_warning(6.9305, 0.0003, 1024)
+    assert collapse_warning(5.66, 1.27, 1024) is None  # the same runs at epoch 5
     stats = norm_stats(torch.arange(101, dtype=torch.float32))  # 0, 1, ..., 100
     assert stats == {"min": 0.0, "mean": 50.0, "max": 100.0, "p5": 5.0, "p50": 50.0, "p95": 95.0}
