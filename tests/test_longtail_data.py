@@ -118,3 +118,23 @@ def test_knn_and_linear_on_digits_lt_report_the_shot_groups(tmp_path):
         assert 0 <= rows[f"mean_per_class{suffix}"].value <= 100
     knn = {r.metric: r for r in read_rows(results) if r.task == "knn"}
     assert knn["acc_many"].params["k"] == knn["top1"].params["best_k"]
+
+
+def test_inat2018_replica_pretrains_and_scores_through_the_cli(tmp_path):
+    from click.testing import CliRunner
+
+    from ssl_bench.cli import cli
+    from ssl_bench.results import read_rows
+
+    root, run, results = _inat_replica(tmp_path / "inat"), tmp_path / "run", tmp_path / "rows.csv"
+    out = CliRunner().invoke(cli, ["-q", "pretrain", "--preset", "tiny_cpu", "--data", f"inat2018:{root}", "--out",
+                                   str(run), "epochs=1", "batch_size=2", "out_dim=64"], catch_exceptions=False)
+    assert out.exit_code == 0, out.output  # labels unused: 6 train images, 3 steps
+    out = CliRunner().invoke(cli, ["-q", "run", "--task", "knn", "--ckpt", str(run / "checkpoint.pth"), "--data",
+                                   f"inat2018:{root}", "--workers", "0", "--results", str(results), "--no-cache",
+                                   "-p", "ks=1,2", "-p", "many_shot=2", "-p", "few_shot=2"], catch_exceptions=False)
+    assert out.exit_code == 0, out.output
+    rows = {r.metric: r for r in read_rows(results)}
+    # train images per class 1 / 3 / 2 (categories 3, 7, 11): > 2 many, < 2 few, else medium; val 1 / 2 / 1
+    assert (rows["acc_many"].n, rows["acc_medium"].n, rows["acc_few"].n) == (2, 1, 1)
+    assert rows["top1"].dataset == "inat2018" and rows["top1"].n == 4
