@@ -111,7 +111,8 @@ def create_backbone(
     """Build ``arch`` with pretrained=False (no download) and load ``ckpt`` if given.
 
     ``arch`` may be left out when the checkpoint is an ssl-bench pretrain checkpoint, which records it."""
-    checkpoint = read_checkpoint(ckpt) if ckpt is not None else None
+    # mapped: only the backbone's tensors are read, and they are copied into the model before this returns
+    checkpoint = read_checkpoint(ckpt, mmap=True) if ckpt is not None else None
     recorded = checkpoint_arch(checkpoint)
     arch = arch or recorded
     if arch is None:

@@ -17,6 +17,7 @@ import contextlib
 import logging
 import pickle
 import re
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -69,26 +70,31 @@ def _preview(keys: list[str], limit: int = 6) -> str:
     return ", ".join(keys[:limit]) + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
 
 
-def read_checkpoint(path: str | Path) -> Any:
+def read_checkpoint(path: str | Path, mmap: bool = False) -> Any:
     """torch.load on the CPU; weights-only first, full unpickling only for files that need it.
 
     DINO / iBOT store their ``argparse.Namespace`` under ``args``; that class is allow-listed, so those files
-    load weights-only. Anything the fallback cannot read either is refused with a UserError."""
+    load weights-only. Anything the fallback cannot read either is refused with a UserError. With ``mmap``
+    (zip-format files, i.e. anything torch.save wrote since torch 1.6) tensors are memory-mapped, copy-on-write:
+    only the ones used (a backbone, a head) are read from disk, not the optimizer state or the other network.
+    Mapped tensors must be copied out and dropped before anything rewrites the file in place (a truncated
+    mapping faults with SIGBUS), so only short-lived readers that copy what they need use it."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"checkpoint {path} does not exist (expected a .pth/.pt file; nothing is ever downloaded)")
     if not path.is_file():
         raise UserError(f"checkpoint {path} is not a file (expected a .pth/.pt file)")
+    mmap = mmap and zipfile.is_zipfile(path)  # the legacy (pre-1.6) format cannot be mapped
     try:
         allow = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5; older ones use the fallback
         with allow(list(SAFE_GLOBALS)) if allow else contextlib.nullcontext():
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError:  # a non-allow-listed object, or bytes that are not a pickle at all
         pass
     except Exception as exc:  # truncated files, not-a-checkpoint files
         raise UserError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from exc
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
     except Exception as exc:
         raise UserError(f"cannot read checkpoint {path}: not a torch checkpoint, or corrupt ({type(exc).__name__}: {exc})") from exc
     log.warning("%s holds non-tensor objects; loaded it with full unpickling (only load files you trust)", path)

@@ -167,7 +167,7 @@ def head_from_checkpoint(checkpoint: Any, key: str = "teacher", normalization: s
 def read_head(path: str | Path, key: str = "teacher", normalization: str | None = None,
               teacher_temp: float | None = None) -> LoadedHead:
     """Read ``path`` (any format ``read_checkpoint`` takes) and return its ``key`` head (``head_from_checkpoint``)."""
-    return head_from_checkpoint(read_checkpoint(path), key, normalization, teacher_temp)
+    return head_from_checkpoint(read_checkpoint(path, mmap=True), key, normalization, teacher_temp)
 
 
 @torch.no_grad()

@@ -511,3 +511,15 @@ def test_no_network_during_load(dino_ckpt, teacher_sd, monkeypatch):
     assert_weights_equal(backbone.model, teacher_sd)
     resnet = create_backbone("resnet18")
     assert resnet.ckpt_path is None
+
+
+def test_mapped_and_in_memory_reads_agree_and_legacy_files_still_load(tmp_path):
+    state = {"teacher": {"backbone.w": torch.arange(6.0).view(2, 3)}, "epoch": 3}
+    for name, zip_format in (("new.pth", True), ("legacy.pth", False)):
+        path = tmp_path / name
+        torch.save(state, path, _use_new_zipfile_serialization=zip_format)
+        mapped, loaded = read_checkpoint(path, mmap=True), read_checkpoint(path)
+        assert mapped["epoch"] == loaded["epoch"] == 3
+        assert torch.equal(mapped["teacher"]["backbone.w"], loaded["teacher"]["backbone.w"])
+        mapped["teacher"]["backbone.w"] += 1  # copy-on-write: the file keeps its values
+        assert torch.equal(read_checkpoint(path)["teacher"]["backbone.w"], torch.arange(6.0).view(2, 3))
