@@ -53,7 +53,7 @@ class PretrainConfig:
     warmup_epochs: int = 10
     weight_decay: float = 0.04
     weight_decay_end: float = 0.4
-    clip_grad: float = 3.0
+    clip_grad: float = 3.0  # bound on each gradient tensor's L2 norm (DINO's clip_gradients); 0 = off
     freeze_last_layer: int = 1
     # multi-crop
     global_size: int = 224

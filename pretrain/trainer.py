@@ -8,6 +8,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 import torch
@@ -72,6 +73,17 @@ def make_optimizer(student: nn.Module, device: torch.device) -> torch.optim.Adam
     no_decay = [p for p in student.parameters() if p.requires_grad and p.ndim <= 1]
     groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=0.0, fused=device.type == "cuda")
+
+
+@torch.no_grad()
+def clip_gradients(params: Iterable[nn.Parameter], clip: float) -> None:
+    """DINO's and iBOT's clipping: each tensor's gradient is scaled to L2 norm <= ``clip`` on its own (not the
+    global norm ``clip_grad_norm_`` bounds). Foreach ops on the device: no host sync."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    scales = [torch.clamp(clip / (norm + 1e-6), max=1.0) for norm in torch._foreach_norm(grads)]
+    torch._foreach_mul_(grads, scales)
 
 
 @torch.no_grad()
@@ -252,7 +264,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if config.clip_grad > 0:
-            nn.utils.clip_grad_norm_(self.student_module.parameters(), config.clip_grad)
+            clip_gradients(self.student_module.parameters(), config.clip_grad)
         if epoch < config.freeze_last_layer:
             for param in self.student_module.parameters():
                 if id(param) in self.last_layer:

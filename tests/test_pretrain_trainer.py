@@ -145,3 +145,14 @@ def test_compiled_step_equals_the_eager_step(tmp_path, data, monkeypatch):
         crops, masks, _ = next(iter(trainer.loader))
         losses[compiled] = [float(trainer.train_step(crops, 0, step, masks)["loss"]) for step in range(2)]
     assert losses["true"] == pytest.approx(losses["false"], rel=1e-5, abs=1e-6)
+
+
+def test_gradients_are_clipped_per_tensor_as_dino_does():
+    from ssl_bench.pretrain.trainer import clip_gradients
+
+    big, small, untouched = (torch.nn.Parameter(torch.zeros(2)) for _ in range(3))
+    big.grad, small.grad = torch.tensor([3.0, 4.0]), torch.tensor([0.6, 0.8])  # norms 5 and 1
+    clip_gradients([big, small, untouched], clip=2.0)
+    # 5 -> 2 on its own (a global-norm clip would have scaled both by 2 / sqrt(26)); 1 stays; no grad stays None
+    torch.testing.assert_close(big.grad, torch.tensor([1.2, 1.6]), rtol=0, atol=1e-6)
+    assert torch.equal(small.grad, torch.tensor([0.6, 0.8])) and untouched.grad is None
