@@ -21,7 +21,7 @@ from ssl_bench.decode import decode_batch
 from ssl_bench.errors import UserError
 from ssl_bench.io import atomic_write_text
 from ssl_bench.prototypes import unique_prototypes
-from ssl_bench.runtime import autocast, dist_info, init_distributed, resolve_device, resolve_precision
+from ssl_bench.runtime import autocast, dist_info, hide_progress, init_distributed, resolve_device, resolve_precision
 from ssl_bench.vmf import prototype_logits
 
 from .centering import make_centering
@@ -320,7 +320,7 @@ class Trainer:
             self.student.train()
             sums: dict[str, float] = {}
             window: list[tuple[int, dict]] = []
-            bar = tqdm(self.loader, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not self.info.is_main,
+            bar = tqdm(self.loader, desc=f"epoch {epoch + 1}/{config.epochs}", disable=hide_progress(),
                        leave=False)
             for it, (crops, masks, indices) in enumerate(bar):
                 step = epoch * self.steps_per_epoch + it

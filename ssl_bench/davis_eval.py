@@ -26,6 +26,7 @@ from tqdm import tqdm
 from .errors import UserError
 from .io import atomic_write_text
 from .palette import read_label_png
+from .runtime import hide_progress
 
 VOID = 255
 BOUNDARY_FRACTION = 0.008  # of the image diagonal: the F tolerance radius
@@ -265,7 +266,7 @@ def evaluate_sequence(layout: DavisLayout, results_dir: str | os.PathLike, seque
 def evaluate(layout: DavisLayout, results_dir: str | os.PathLike, sequences: Sequence[str]) -> DavisScores:
     """Semi-supervised J and F of the result PNGs ``results_dir/<seq>/<frame>.png`` against the annotations."""
     scores = DavisScores()
-    for sequence in tqdm(sequences, desc="DAVIS evaluation", leave=False):
+    for sequence in tqdm(sequences, desc="DAVIS evaluation", disable=hide_progress(), leave=False):
         objects, frames = evaluate_sequence(layout, results_dir, sequence)
         scores.objects += objects
         scores.frames += frames

@@ -23,7 +23,7 @@ from .data import ImageSplit
 from .decode import device_eval_batches
 from .errors import UserError
 from .io import atomic_write_text
-from .runtime import autocast, barrier, dist_info, resolve_precision
+from .runtime import autocast, barrier, dist_info, hide_progress, resolve_precision
 from .transforms import TransformSpec
 
 log = logging.getLogger(__name__)
@@ -171,7 +171,7 @@ def _run_model(
     backbone.model.to(device).eval()
     chunks: list[np.ndarray] = []
     with torch.inference_mode(), autocast(device, precision):
-        for images, _, _ in tqdm(loader, desc=desc, disable=not dist_info().is_main, leave=False):
+        for images, _, _ in tqdm(loader, desc=desc, disable=hide_progress(), leave=False):
             out = compute_features(backbone, images.to(device, non_blocking=True), spec)
             chunks.append(out.float().cpu().numpy())
     if not chunks:

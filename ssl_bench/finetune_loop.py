@@ -43,7 +43,7 @@ from .io import atomic_write
 from .layer_decay import is_vit_like, param_groups
 from .lr_schedules import deit_epoch_lr, warmup_cosine_steps
 from .rng import get_rng_state, mix_seed, preserved_rng, seed_all, seeded, set_rng_state
-from .runtime import autocast, barrier, dist_info
+from .runtime import autocast, barrier, dist_info, hide_progress
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +205,7 @@ def evaluate(model: nn.Module, loader: DataLoader, num_classes: int, device: tor
     k = min(5, num_classes)
     confusion = torch.zeros(num_classes * num_classes, dtype=torch.long, device=device)
     hits5 = torch.zeros((), dtype=torch.long, device=device)
-    for images, labels, _ in tqdm(loader, desc="finetune eval", disable=not dist_info().is_main, leave=False):
+    for images, labels, _ in tqdm(loader, desc="finetune eval", disable=hide_progress(), leave=False):
         with autocast(device, precision):
             logits = model(images.to(device, non_blocking=True))
         labels = labels.to(device, non_blocking=True)
@@ -307,7 +307,7 @@ def _train_epoch(ddp: nn.Module, optimizer: torch.optim.Optimizer, data: _Data, 
     ddp.train()
     loss_sum, lr = 0.0, 0.0
     bar = tqdm(data.loader, total=data.steps, desc=f"finetune epoch {epoch + 1}/{config.epochs}",
-               disable=not info.is_main, leave=False)
+               disable=hide_progress(), leave=False)
     for it, (images, labels) in enumerate(bar):
         if it >= data.steps:
             break

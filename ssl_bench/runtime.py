@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import os
 import platform
 import random
@@ -32,6 +33,12 @@ def dist_info() -> DistInfo:
     if dist.is_available() and dist.is_initialized():
         return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
     return DistInfo(0, 1, 0)
+
+
+def hide_progress() -> bool:
+    """Whether progress bars stay off: on every rank but the main one, and when ssl-bench's INFO logs are off
+    (``ssl-bench -q``, or a library caller that has not enabled them)."""
+    return not (dist_info().is_main and logging.getLogger("ssl_bench").isEnabledFor(logging.INFO))
 
 
 def init_distributed(device: torch.device | None = None) -> DistInfo:

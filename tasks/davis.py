@@ -41,7 +41,7 @@ from ssl_bench.errors import UserError
 from ssl_bench.palette import read_label_png, save_label_png
 from ssl_bench.registry import register_task
 from ssl_bench.results import ResultRow
-from ssl_bench.runtime import autocast, barrier, dist_info, resolve_precision, strict_fp32
+from ssl_bench.runtime import autocast, barrier, dist_info, hide_progress, resolve_precision, strict_fp32
 
 log = logging.getLogger(__name__)
 
@@ -392,7 +392,7 @@ def run(ctx: TaskContext, params: DavisParams) -> list[ResultRow]:
     info = dist_info()
     mine = sequences[info.rank::info.world_size]
     frames = 0
-    for seq in tqdm(mine, desc=f"DAVIS {params.split} propagation", disable=not info.is_main):
+    for seq in tqdm(mine, desc=f"DAVIS {params.split} propagation", disable=hide_progress()):
         frames += segment_video(ctx.backbone, videos[seq][0], videos[seq][1], out_dir / seq, settings, ctx.device,
                                 precision, workers=max(1, ctx.workers))
     log.info("DAVIS: %d frames of %d sequences written to %s", frames, len(mine), out_dir)

@@ -59,7 +59,7 @@ from ssl_bench.io import atomic_write
 from ssl_bench.longtail import GROUP_METRICS, group_accuracies
 from ssl_bench.registry import register_task
 from ssl_bench.results import ResultRow
-from ssl_bench.runtime import autocast, dist_info, resolve_precision, strict_fp32
+from ssl_bench.runtime import autocast, dist_info, hide_progress, resolve_precision, strict_fp32
 from ssl_bench.transforms import TransformSpec
 
 log = logging.getLogger(__name__)
@@ -339,7 +339,7 @@ def augmented_batches(
     backbone.model.to(device).eval()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(epoch_seed)
-        for images, labels, _ in tqdm(loader, desc=f"linear epoch {epoch + 1}", disable=not dist_info().is_main,
+        for images, labels, _ in tqdm(loader, desc=f"linear epoch {epoch + 1}", disable=hide_progress(),
                                       leave=False):
             with torch.inference_mode(), autocast(device, precision):
                 out = compute_features(backbone, images.to(device, non_blocking=True), spec)

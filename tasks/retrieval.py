@@ -42,7 +42,7 @@ from ssl_bench.io import atomic_write_text, sha256_file
 from ssl_bench.registry import register_task
 from ssl_bench.results import ResultRow
 from ssl_bench.retrieval_metrics import DEFAULT_KAPPAS, PROTOCOLS, evaluate_protocols, rank_database
-from ssl_bench.runtime import autocast, dist_info, resolve_precision
+from ssl_bench.runtime import autocast, dist_info, hide_progress, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -233,7 +233,7 @@ def _run_model(backbone: Backbone, paths: Sequence[Path], imsize: int, scales: S
     backbone.model.to(device).eval()
     rows: list[np.ndarray] = []
     with torch.inference_mode(), autocast(device, precision):
-        for row, image in enumerate(tqdm(loader, desc=desc, disable=not dist_info().is_main, leave=False)):
+        for row, image in enumerate(tqdm(loader, desc=desc, disable=hide_progress(), leave=False)):
             _check_size(image.shape, scales, backbone.patch_size, paths[int(indices[row])])
             feature = image_feature(backbone, image.to(device, non_blocking=True), scales)
             rows.append(feature.float().cpu().numpy())

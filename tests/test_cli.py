@@ -99,3 +99,19 @@ def test_wrong_checkpoint_is_refused_and_nothing_written(tmp_path):
                                    "builtin:digits", "--results", str(results)])
     assert out.exit_code != 0 and "backbone tensors unloaded" in out.output
     assert not results.exists()
+
+
+def test_progress_bars_follow_the_log_level():
+    import logging
+
+    from ssl_bench.runtime import hide_progress
+
+    logger = logging.getLogger("ssl_bench")
+    before = logger.level
+    try:
+        logger.setLevel(logging.INFO)  # the CLI's default
+        assert not hide_progress()
+        logger.setLevel(logging.WARNING)  # ssl-bench -q
+        assert hide_progress()
+    finally:
+        logger.setLevel(before)
