@@ -20,7 +20,6 @@ from .longtail import GROUP_METRICS
 from .plots import save_grouped_bars
 from .results import ResultRow, read_rows, result_files
 
-STUDIES = ("longtail",)
 LONGTAIL_COLUMNS = [
     "model", "method", "dataset", "probe", "top1", "mean_per_class", "acc_many", "acc_medium", "acc_few",
     "n_many", "n_medium", "n_few", "many_shot", "few_shot", "unique_prototypes", "n_prototypes", "unique_at",
