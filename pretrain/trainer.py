@@ -82,8 +82,8 @@ def clip_gradients(params: Iterable[nn.Parameter], clip: float) -> None:
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return
-    scales = [torch.clamp(clip / (norm + 1e-6), max=1.0) for norm in torch._foreach_norm(grads)]
-    torch._foreach_mul_(grads, scales)
+    scales = (clip / (torch.stack(torch._foreach_norm(grads)) + 1e-6)).clamp_(max=1.0)
+    torch._foreach_mul_(grads, list(scales.unbind()))
 
 
 @torch.no_grad()
