@@ -18,7 +18,7 @@ from .errors import UserError
 from .io import atomic_write_text
 from .longtail import GROUP_METRICS
 from .plots import save_grouped_bars
-from .results import ResultRow, read_rows, result_files
+from .results import ResultRow, latest_rows, read_rows, result_files
 
 LONGTAIL_COLUMNS = [
     "model", "method", "dataset", "probe", "top1", "mean_per_class", "acc_many", "acc_medium", "acc_few",
@@ -27,16 +27,6 @@ LONGTAIL_COLUMNS = [
 _PLOTTED = ("acc_many", "acc_medium", "acc_few", "mean_per_class")
 _CATEGORIES = ("many-shot", "medium-shot", "few-shot", "mean per class")
 _GROUP_TASKS = ("knn", "linear")
-
-
-def _latest(rows: list[ResultRow]) -> dict[tuple[str, str, str, str], ResultRow]:
-    """The newest row per (model, task, dataset, metric), as the leaderboard keeps it."""
-    cells: dict[tuple[str, str, str, str], ResultRow] = {}
-    for row in rows:
-        key = (row.model, row.task, row.dataset, row.metric)
-        if key not in cells or row.timestamp >= cells[key].timestamp:
-            cells[key] = row
-    return cells
 
 
 def _prototype_counts(cells: dict, model: str, unique_at: float) -> tuple[float, float]:
@@ -50,7 +40,7 @@ def _prototype_counts(cells: dict, model: str, unique_at: float) -> tuple[float,
 
 def longtail_records(rows: list[ResultRow], dataset: str | None = None, unique_at: float = 0.9) -> list[dict]:
     """One record per (model, dataset, probe) that has shot-group rows, values as floats (nan when missing)."""
-    cells = _latest(rows)
+    cells = latest_rows(rows)
     records = []
     for (model, task, data, metric), few in sorted(cells.items()):
         match = re.fullmatch(r"acc_few(.*)", metric)

@@ -123,23 +123,32 @@ def column_name(row: ResultRow) -> str:
     return f"{row.task}/{row.dataset}/{row.metric}"
 
 
+def latest_rows(rows: Iterable[ResultRow]) -> dict[tuple[str, str, str, str], ResultRow]:
+    """The row per (model, task, dataset, metric) with the latest timestamp (of equal ones, the last read)."""
+    latest: dict[tuple[str, str, str, str], ResultRow] = {}
+    for row in rows:
+        key = (row.model, row.task, row.dataset, row.metric)
+        if key not in latest or row.timestamp >= latest[key].timestamp:
+            latest[key] = row
+    return latest
+
+
 def pivot(rows: Iterable[ResultRow]) -> tuple[list[str], list[dict[str, str]]]:
     """Model x (task/dataset/metric) table; where a cell has several rows the latest timestamp wins."""
-    cells: dict[str, dict[str, tuple[str, float]]] = {}
+    rows = list(rows)
     info: dict[str, dict[str, str]] = {}
     for row in rows:
-        model_cells = cells.setdefault(row.model, {})
         info.setdefault(row.model, {"arch": row.arch, "method": row.method})
-        key = column_name(row)
-        if key not in model_cells or row.timestamp >= model_cells[key][0]:
-            model_cells[key] = (row.timestamp, row.value)
+    cells: dict[str, dict[str, float]] = {}
+    for row in latest_rows(rows).values():
+        cells.setdefault(row.model, {})[column_name(row)] = row.value
     metric_columns = sorted({key for model_cells in cells.values() for key in model_cells})
     header = ["model", "arch", "method", *metric_columns]
     table = []
     for model in sorted(cells):
         record = {"model": model, **info[model]}
         for key in metric_columns:
-            record[key] = f"{cells[model][key][1]:.2f}" if key in cells[model] else ""
+            record[key] = f"{cells[model][key]:.2f}" if key in cells[model] else ""
         table.append(record)
     return header, table
 

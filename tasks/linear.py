@@ -414,7 +414,8 @@ def run(ctx: TaskContext, params: LinearParams) -> list[ResultRow]:
             "train": ctx.dataset.split("train").manifest_sha256(), "val": ctx.dataset.split("val").manifest_sha256(),
             "train_transform": train_transform.key, "val_transform": val_transform.key, "precision": precision,
             "lrs": lrs, "world_size": info.world_size, "workers": None if params.fast else ctx.workers,
-            **{k: v for k, v in dataclasses.asdict(params).items() if k not in ("state_dir", "lrs", "recipe", "many_shot", "few_shot")},
+            **{k: v for k, v in dataclasses.asdict(params).items()
+               if k not in ("state_dir", "lrs", "recipe", "many_shot", "few_shot")},
         }, sort_keys=True)
         state_path = state_root / f"linear-{hashlib.sha256(state_key.encode()).hexdigest()[:24]}.pt"
     result = train_linear_heads(
