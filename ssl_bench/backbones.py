@@ -54,6 +54,7 @@ class Backbone:
     ckpt_key: str | None = None
     ckpt_sha256: str = ""
     load_report: LoadReport | None = None
+    init_seed: int | None = None  # the seed of a random init: different seeds are different models
 
     @property
     def is_vit(self) -> bool:
@@ -61,9 +62,10 @@ class Backbone:
 
     @property
     def label(self) -> str:
-        """How the model is named in result rows: the checkpoint file (+ key), or the arch at random init."""
+        """How the model is named in result rows: the checkpoint file (+ key), or the arch and seed at random init
+        (so the leaderboard keeps one row per initialisation)."""
         if self.ckpt_path is None:
-            return f"{self.arch} (random init)"
+            return f"{self.arch} (random init)" if self.init_seed is None else f"{self.arch} (random init, seed {self.init_seed})"
         suffix = f":{self.ckpt_key}" if self.ckpt_key in ("student",) else ""
         return f"{Path(self.ckpt_path).name}{suffix} [{self.ckpt_sha256[:8]}]"
 
@@ -129,4 +131,6 @@ def create_backbone(
         backbone.load_report = load_backbone_weights(model, ckpt, ckpt_key, checkpoint=checkpoint)
         backbone.ckpt_path, backbone.ckpt_key = str(ckpt), ckpt_key
         backbone.ckpt_sha256 = sha256_file(ckpt)
+    else:
+        backbone.init_seed = seed
     return backbone

@@ -29,6 +29,8 @@ def stamp(rows: list[ResultRow], ctx: TaskContext, wall_s: float) -> list[Result
         if ctx.backbone.load_report is not None:
             row.params.setdefault("ckpt_format", ctx.backbone.load_report.format)
             row.params.setdefault("ckpt_key", ctx.backbone.load_report.key)
+        if ctx.backbone.init_seed is not None:  # random init: the seed says which initialisation scored
+            row.params.setdefault("init_seed", ctx.backbone.init_seed)
     return rows
 
 
