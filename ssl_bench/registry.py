@@ -22,19 +22,22 @@ class Task:
     params: type  # a dataclass whose fields (with defaults) are the task's options
     run: Callable[..., list]
     needs: tuple[str, ...] = ("labels",)
+    check: Callable[[Any], None] | None = None  # raises UserError on a bad option; runs before any model or data
 
 
 _TASKS: dict[str, Task] = {}
 _discovered = False
 
 
-def register_task(name: str, version: str, description: str, params: type, needs: tuple[str, ...] = ("labels",)):
-    """Decorator for ``run(ctx: TaskContext, params) -> list[ResultRow]``."""
+def register_task(name: str, version: str, description: str, params: type, needs: tuple[str, ...] = ("labels",),
+                  check: Callable[[Any], None] | None = None):
+    """Decorator for ``run(ctx: TaskContext, params) -> list[ResultRow]``. ``check(params)`` validates the options
+    (ranges, names) without touching a model or data, so a bad option fails before any expensive work."""
     if not dataclasses.is_dataclass(params):
         raise TypeError(f"task {name}: params must be a dataclass")
 
     def wrap(run: Callable[..., list]) -> Callable[..., list]:
-        _TASKS[name] = Task(name, version, description, params, run, needs)
+        _TASKS[name] = Task(name, version, description, params, run, needs, check)
         return run
 
     return wrap
@@ -64,6 +67,14 @@ def get_task(name: str) -> Task:
     return tasks[name]
 
 
+def check_params(task: Task, params: Any) -> None:
+    """Run the task's option checks (a UserError on a bad value); cheap, so callers run it before any work."""
+    if task.check is not None:
+        task.check(params)
+
+
 def parse_params(task: Task, values: dict[str, str]) -> Any:
-    """Build the task's params dataclass from ``key=value`` strings, converting by field type."""
-    return task.params(**parse_fields(task.params, values, f"task {task.name}"))
+    """Build the task's params dataclass from ``key=value`` strings, converting by field type, and check them."""
+    params = task.params(**parse_fields(task.params, values, f"task {task.name}"))
+    check_params(task, params)
+    return params

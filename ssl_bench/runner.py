@@ -7,7 +7,7 @@ import time
 from typing import Any
 
 from .context import TaskContext
-from .registry import Task
+from .registry import Task, check_params
 from .results import ResultRow, now_iso
 from .runtime import device_name, git_commit, library_versions
 
@@ -35,7 +35,10 @@ def stamp(rows: list[ResultRow], ctx: TaskContext, wall_s: float) -> list[Result
 
 
 def run_tasks(tasks: list[tuple[Task, Any]], ctx: TaskContext) -> list[ResultRow]:
-    """Run each (task, params) in order; features shared between tasks come from the cache."""
+    """Run each (task, params) in order; features shared between tasks come from the cache. Every task's options
+    are checked first, so a bad option of the last task fails before the first one extracts anything."""
+    for task, params in tasks:
+        check_params(task, params)
     rows: list[ResultRow] = []
     for task, params in tasks:
         log.info("task %s (%s) on %s", task.name, task.version, ctx.dataset.spec)

@@ -369,8 +369,16 @@ def default_out_dir(ctx: TaskContext) -> Path:
 
 
 
+def check_params(params: DavisParams) -> None:
+    """The options alone, before any model or data."""
+    if not params.split:
+        raise UserError("davis.split is empty; expected a name of ImageSets/2017/<split>.txt (val, train)")
+    PropagationSettings(params.topk, params.n_last_frames, params.size_mask_neighborhood, params.temperature,
+                        params.scale_size, params.frame_batch).check()
+
+
 @register_task(
-    "davis", version=DAVIS_VERSION, params=DavisParams, needs=("data_root",),
+    "davis", version=DAVIS_VERSION, params=DavisParams, needs=("data_root",), check=check_params,
     description="DAVIS-2017 semi-supervised VOS by label propagation (DINO): J&F, J, F mean/recall/decay",
 )
 def run(ctx: TaskContext, params: DavisParams) -> list[ResultRow]:

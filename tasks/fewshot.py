@@ -31,6 +31,7 @@ from ssl_bench.data import Dataset, FileSplit, ImageSplit
 from ssl_bench.errors import UserError
 from ssl_bench.io import sha256_file
 from ssl_bench.logreg import fit_logistic
+from ssl_bench.options import check_at_least, check_feature, check_ints_at_least, check_positive, check_transform
 from ssl_bench.registry import register_task
 from ssl_bench.results import ResultRow
 
@@ -350,8 +351,30 @@ class SubsetSplit(ImageSplit):
         return [f"subset of {parent.manifest_sha256()}", ",".join(map(str, self.indices.tolist()))]
 
 
+def check_params(params: FewShotParams) -> None:
+    """The options alone, before any model or data: ranges, and that the named split files and folder exist."""
+    check_ints_at_least("fewshot.shots", params.shots, 1, allow_empty=True)
+    check_at_least("fewshot.splits", params.splits, 1)
+    check_positive("fewshot.lambd", params.lambd)
+    check_positive("fewshot.tol", params.tol)
+    check_at_least("fewshot.max_iter", params.max_iter, 1)
+    check_feature("fewshot.feature", params.feature, pooled=True)
+    check_transform("fewshot.transform", params.transform)
+    if not params.shots and not params.split_file and not params.one_percent:
+        raise UserError("few-shot: nothing to run; give shots, one_percent=true or split_file")
+    if params.split_dir and params.split_file:
+        raise UserError("few-shot: give split_dir (MSN's imagenet_subsets folders) or split_file, not both")
+    if params.split_dir and not params.splits <= 3:
+        raise UserError(f"few-shot: MSN's split files hold 3 splits per setting; splits={params.splits}")
+    if params.split_dir and not Path(params.split_dir).is_dir():
+        raise UserError(f"fewshot.split_dir {params.split_dir} is not a folder; expected MSN's imagenet_subsets parent")
+    absent = [f for f in params.split_file if not Path(f).is_file()]
+    if absent:
+        raise UserError(f"split file {absent[0]} does not exist; expected {MSN_FORMAT}")
+
+
 @register_task(
-    "fewshot", version=FEWSHOT_VERSION, params=FewShotParams,
+    "fewshot", version=FEWSHOT_VERSION, params=FewShotParams, check=check_params,
     description="few-shot logistic regression (MSN protocol): 1/2/5 img/class x 3 splits and 1 %, top-1 on val",
 )
 def run(ctx: TaskContext, params: FewShotParams) -> list[ResultRow]:

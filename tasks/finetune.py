@@ -48,9 +48,10 @@ from pathlib import Path
 from ssl_bench.context import TaskContext
 from ssl_bench.data import Dataset
 from ssl_bench.errors import UserError
-from ssl_bench.finetune_data import eval_transform_key
+from ssl_bench.finetune_data import CROPS, eval_transform_key
 from ssl_bench.finetune_loop import FinetuneConfig, FinetuneResult, finetune
 from ssl_bench.layer_decay import is_vit_like
+from ssl_bench.options import check_at_least, check_between, check_choice, check_positive
 from ssl_bench.registry import register_task
 from ssl_bench.results import ResultRow
 from ssl_bench.runtime import dist_info, resolve_precision
@@ -176,9 +177,37 @@ def run_dir(ctx: TaskContext, params: FinetuneParams, recipe: str, lr: float, sw
     return results.parent / "finetune" / f"{model}_{_safe(ctx.dataset.name)}_{recipe}_lr{lr:g}"
 
 
+def check_params(params: FinetuneParams) -> None:
+    """The options alone, before any model or data (the limits ``FinetuneConfig.check`` puts on the resolved run;
+    options left to the recipe, None, pass)."""
+    check_choice("finetune.recipe", params.recipe.strip().lower(), RECIPES)
+    for lr in params.lr:
+        check_positive("finetune.lr", lr)
+    check_at_least("finetune.epochs", params.epochs, 1)
+    check_at_least("finetune.batch_size", params.batch_size, 1)
+    check_between("finetune.layer_decay", params.layer_decay, 0, 1, low_open=True)
+    check_between("finetune.drop_path", params.drop_path, 0, 1, high_open=True)
+    check_at_least("finetune.warmup_epochs", params.warmup_epochs, 0)
+    check_at_least("finetune.min_lr", params.min_lr, 0)
+    check_at_least("finetune.weight_decay", params.weight_decay, 0)
+    check_at_least("finetune.color_jitter", params.color_jitter, 0)
+    check_between("finetune.reprob", params.reprob, 0, 1)
+    check_between("finetune.hflip", params.hflip, 0, 1)
+    check_choice("finetune.train_crop", params.train_crop, CROPS)
+    check_at_least("finetune.mixup", params.mixup, 0)
+    check_at_least("finetune.cutmix", params.cutmix, 0)
+    check_between("finetune.smoothing", params.smoothing, 0, 1, high_open=True)
+    check_at_least("finetune.repeated_aug", params.repeated_aug, 1)
+    check_at_least("finetune.eval_every", params.eval_every, 1)
+    check_at_least("finetune.stop_after_epoch", params.stop_after_epoch, 0)
+    if params.batch_size is not None and params.batch_size % 2 and (params.mixup > 0 or params.cutmix > 0):
+        raise UserError("finetune: mixup / cutmix pair the images of a batch: batch_size must be even; "
+                        f"got {params.batch_size}")
+
+
 # --- the registered task ------------------------------------------------------------------------------------------
 @register_task(
-    "finetune", version=PROTOCOLS["imagenet"], params=FinetuneParams,
+    "finetune", version=PROTOCOLS["imagenet"], params=FinetuneParams, check=check_params,
     description="end-to-end fine-tuning (BEiT recipe / DeiT recipe for transfer datasets): best top-1 over epochs",
 )
 def run(ctx: TaskContext, params: FinetuneParams) -> list[ResultRow]:

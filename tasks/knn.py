@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from ssl_bench.context import TaskContext
 from ssl_bench.errors import UserError
 from ssl_bench.longtail import GROUP_METRICS, group_accuracies
+from ssl_bench.options import (check_choice, check_feature, check_ints_at_least, check_positive, check_shot_groups,
+                               check_transform)
 from ssl_bench.registry import register_task
 from ssl_bench.results import ResultRow
 from ssl_bench.runtime import strict_fp32
@@ -418,8 +420,20 @@ class KnnParams:
     few_shot: int = 20
 
 
+def check_params(params: KnnParams) -> None:
+    """The options alone, before any model or data (k against the training-set size is checked on the features)."""
+    check_ints_at_least("knn.ks", params.ks, 1)
+    check_positive("knn.temperature", params.temperature)
+    check_feature("knn.feature", params.feature, pooled=True)
+    check_transform("knn.transform", params.transform)
+    check_choice("knn.backend", params.backend, BACKENDS)
+    if params.backend == "faiss" and not _faiss_available():
+        raise UserError("knn.backend=faiss needs the faiss-cpu package (pip install faiss-cpu)")
+    check_shot_groups("knn", params.many_shot, params.few_shot)
+
+
 @register_task(
-    "knn", version=KNN_VERSION, params=KnnParams,
+    "knn", version=KNN_VERSION, params=KnnParams, check=check_params,
     description="weighted kNN on frozen features (DINO eval_knn): top-1/top-5 per k and at the best k",
 )
 def run(ctx: TaskContext, params: KnnParams) -> list[ResultRow]:

@@ -57,6 +57,7 @@ from ssl_bench.errors import UserError
 from ssl_bench.features import FeatureSpec, compute_features, default_cache_dir
 from ssl_bench.io import atomic_write
 from ssl_bench.longtail import GROUP_METRICS, group_accuracies
+from ssl_bench.options import check_at_least, check_between, check_shot_groups
 from ssl_bench.registry import register_task
 from ssl_bench.results import ResultRow
 from ssl_bench.runtime import autocast, dist_info, hide_progress, resolve_precision, strict_fp32
@@ -374,8 +375,22 @@ def _state_root(ctx: TaskContext, params: LinearParams) -> Path | None:
     return Path(params.state_dir)
 
 
+def check_params(params: LinearParams) -> None:
+    """The options alone, before any model or data (the same limits ``train_linear_heads`` enforces)."""
+    if params.recipe.strip().upper() not in ("AUTO", "C", "D"):
+        raise UserError(f"linear recipe {params.recipe!r}; expected one of {', '.join(RECIPES)}")
+    check_at_least("linear.epochs", params.epochs, 1)
+    check_at_least("linear.batch_size", params.batch_size, 1)
+    check_at_least("linear.val_every", params.val_every, 1)
+    if not params.lrs or any(not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0) for lr in params.lrs):
+        raise UserError(f"linear.lrs must be a non-empty list of finite numbers > 0; got {list(params.lrs)}")
+    check_between("linear.momentum", params.momentum, 0, 1, high_open=True)
+    check_at_least("linear.weight_decay", params.weight_decay, 0)
+    check_shot_groups("linear", params.many_shot, params.few_shot)
+
+
 @register_task(
-    "linear", version=LINEAR_VERSION, params=LinearParams,
+    "linear", version=LINEAR_VERSION, params=LinearParams, check=check_params,
     description="linear probe (DINO eval_linear, iBOT 45-lr sweep as parallel heads): best top-1/top-5 on val",
 )
 def run(ctx: TaskContext, params: LinearParams) -> list[ResultRow]:

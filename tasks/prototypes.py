@@ -25,13 +25,14 @@ import torch
 from ssl_bench.context import TaskContext
 from ssl_bench.errors import UserError
 from ssl_bench.head_weights import assign_prototypes, read_head
+from ssl_bench.options import check_at_least, check_choice, check_positive, check_transform
 from ssl_bench.prototypes import (accuracy_by_bin, cosine_to_negative_mean, duplicate_set_sizes, kappa_bins,
                                   unique_prototypes, void_prototypes)
 from ssl_bench.plots import save_line_plot
 from ssl_bench.registry import register_task
 from ssl_bench.results import ResultRow
 from ssl_bench.runtime import dist_info, strict_fp32
-from ssl_bench.tasks.knn import knn_correct
+from ssl_bench.tasks.knn import BACKENDS, knn_correct
 
 log = logging.getLogger(__name__)
 
@@ -75,10 +76,15 @@ def _check(params: PrototypesParams) -> None:
         raise UserError("prototypes.bins and prototypes.head_batch_size must be >= 1")
     if params.normalization not in ("auto", "none", "l2", "vmf"):
         raise UserError(f"prototypes.normalization={params.normalization!r}; expected auto, none, l2 or vmf")
+    check_at_least("prototypes.k", params.k, 1)
+    check_positive("prototypes.temperature", params.temperature)
+    check_positive("prototypes.teacher_temp", params.teacher_temp)
+    check_transform("prototypes.transform", params.transform)
+    check_choice("prototypes.backend", params.backend, BACKENDS)
 
 
 @register_task(
-    "prototypes", version=PROTOTYPES_VERSION, params=PrototypesParams,
+    "prototypes", version=PROTOTYPES_VERSION, params=PrototypesParams, check=_check,
     description="prototype utilisation of a pretraining checkpoint's head (DINO-vMF): unique / void prototypes, "
                 "kappa vs kNN accuracy",
 )

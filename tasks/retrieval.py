@@ -39,6 +39,7 @@ from ssl_bench.dense import vit_tokens
 from ssl_bench.errors import UserError
 from ssl_bench.features import cache_key, default_cache_dir
 from ssl_bench.io import atomic_write_text, sha256_file
+from ssl_bench.options import check_at_least, check_ints_at_least
 from ssl_bench.registry import register_task
 from ssl_bench.results import ResultRow
 from ssl_bench.retrieval_metrics import DEFAULT_KAPPAS, PROTOCOLS, evaluate_protocols, rank_database
@@ -380,6 +381,17 @@ def dataset_settings(name: str, params: RetrievalParams) -> DatasetSettings:
     )
 
 
+def check_params(params: RetrievalParams) -> None:
+    """The options alone, before any model or data."""
+    if not params.datasets:
+        raise UserError("retrieval: datasets is empty; give roxford5k, rparis6k or both")
+    unknown = [name for name in params.datasets if name not in DATASET_DEFAULTS]
+    if unknown:
+        raise UserError(f"retrieval dataset {unknown[0]!r}; expected one of {', '.join(DATASET_DEFAULTS)}")
+    check_at_least("retrieval.imsize", params.imsize, 1)
+    check_ints_at_least("retrieval.kappas", params.kappas, 1)
+
+
 def data_root(ctx: TaskContext) -> Path:
     """The folder holding roxford5k/ and rparis6k/ (or datasets/...), from ``--data-root``."""
     root = ctx.extra.get("data_root") or ""
@@ -390,7 +402,7 @@ def data_root(ctx: TaskContext) -> Path:
 
 
 @register_task(
-    "retrieval", version=RETRIEVAL_VERSION, params=RetrievalParams, needs=("data_root",),
+    "retrieval", version=RETRIEVAL_VERSION, params=RetrievalParams, needs=("data_root",), check=check_params,
     description="Revisited Oxford/Paris retrieval (DINO features, revisitop metric): mAP E/M/H and mP@1/5/10",
 )
 def run(ctx: TaskContext, params: RetrievalParams) -> list[ResultRow]:

@@ -15,6 +15,7 @@ from ssl_bench.context import TaskContext
 from ssl_bench.data import Dataset
 from ssl_bench.errors import UserError
 from ssl_bench.logreg import fit_logistic, fit_path
+from ssl_bench.options import check_at_least, check_choice, check_feature, check_transform
 from ssl_bench.registry import register_task
 from ssl_bench.results import ResultRow
 from ssl_bench.transfer_data import TRANSFER_DATASETS, find_transfer_datasets
@@ -108,7 +109,20 @@ def evaluate_dataset(ctx: TaskContext, dataset: Dataset, params: TransferParams)
                    "n_trainval": int(len(y)), **selection}
 
 
-@register_task("transfer", version=PROTOCOLS["cv5"], params=TransferParams, needs=("data_root",),
+def check_params(params: TransferParams) -> None:
+    """The options alone, before any model or data."""
+    check_choice("transfer.protocol", params.protocol, list(PROTOCOLS))
+    check_at_least("transfer.folds", params.folds, 2)
+    check_at_least("transfer.grid", params.grid, 1)
+    check_at_least("transfer.max_iter", params.max_iter, 1)
+    unknown = sorted(set(params.datasets) - set(TRANSFER_DATASETS))
+    if unknown:
+        raise UserError(f"unknown transfer dataset(s) {', '.join(unknown)}; valid: {', '.join(TRANSFER_DATASETS)}")
+    check_feature("transfer.feature", params.feature, pooled=True)
+    check_transform("transfer.transform", params.transform)
+
+
+@register_task("transfer", version=PROTOCOLS["cv5"], params=TransferParams, needs=("data_root",), check=check_params,
                description="linear probes on the nine transfer datasets, L2 by 5-fold CV (or sslt hold-out)")
 def run(ctx: TaskContext, params: TransferParams) -> list[ResultRow]:
     if params.protocol not in PROTOCOLS:
