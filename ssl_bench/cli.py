@@ -31,8 +31,21 @@ class _Group(click.Group):
 @click.option("-q", "--quiet", is_flag=True, help="Warnings and errors only.")
 def cli(verbose: int, quiet: bool) -> None:
     """Pretrain and benchmark self-supervised vision backbones."""
-    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
-    logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S", force=True)
+    configure_logging(logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO))
+
+
+def _own_or_warning(record: logging.LogRecord) -> bool:
+    """ssl-bench's records at any level; other libraries' only from WARNING up."""
+    return record.levelno >= logging.WARNING or record.name == "ssl_bench" or record.name.startswith("ssl_bench.")
+
+
+def configure_logging(level: int, stream=None) -> None:
+    """Log ssl-bench's messages from ``level`` up, and third-party libraries' only from WARNING up: their INFO
+    and DEBUG chatter (faiss's loader lines name a ModuleNotFoundError on every kNN run) reads like errors."""
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S", force=True,
+                        stream=stream)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_own_or_warning)
 
 
 @cli.command("list")
