@@ -1,4 +1,5 @@
-"""Checks on results/paper_reference.csv, the DINO-vMF paper's published numbers (shared/protocols.md §11, §8.1)."""
+"""Checks on results/paper_reference.csv: the DINO-vMF paper's published numbers (shared/protocols.md §11, §8.1) and the
+KoLeo-Proto (partial prototype collapse) paper's prototype counts and ImageNet-1K table (§11.1)."""
 
 from __future__ import annotations
 
@@ -85,3 +86,50 @@ def test_prototype_utilisation_counts(rows, model, dataset, unique, total):
     assert _value(rows, model, "prototypes", dataset, "n_prototypes") == total
     source = next(r for r in rows if r.model == model and r.metric == "unique_prototypes").params["source"]
     assert "Partial Prototype Collapse" in source
+
+
+# The KoLeo-Proto paper's ImageNet-1K table (shared/protocols.md §11.1): kNN, linear, fine-tuning top-1 and its own
+# "Avg. Transfer"; None = "-" in the table (no row).
+KOLEO_TABLE = [
+    ("DINO-vMF ViT-B/16", "vit_base_patch16_224", "dino-vmf", 77.4, 78.8, 83.6, 86.8),
+    ("MSN ViT-B/16", "vit_base_patch16_224", "msn", 73.3, 74.8, None, 85.3),
+    ("WE-SSL ViT-B/16", "vit_base_patch16_224", "we-ssl", 77.2, 78.9, None, None),
+    ("iBOT-vMF ViT-B/16", "vit_base_patch16_224", "ibot-vmf", 78.7, 80.3, 84.1, 87.3),
+    ("iBOT-vMF + KoLeo-Proto ViT-B/16", "vit_base_patch16_224", "ibot-vmf-koleo", 78.8, 80.5, 84.1, 86.6),
+    ("DINO-vMF ViT-S/16", "vit_small_patch16_224", "dino-vmf", 74.7, 77.0, 81.8, 85.4),
+    ("MSN ViT-S/16", "vit_small_patch16_224", "msn", 74.9, 76.6, None, 84.1),
+    ("WE-SSL ViT-S/16", "vit_small_patch16_224", "we-ssl", 75.2, 77.4, None, 84.6),
+    ("iBOT-vMF ViT-S/16", "vit_small_patch16_224", "ibot-vmf", 75.3, 77.9, 82.3, 85.5),
+    ("iBOT-vMF + KoLeo-Proto ViT-S/16", "vit_small_patch16_224", "ibot-vmf-koleo", 75.5, 77.9, 82.3, 85.6),
+]
+KOLEO_TAG = " (BMVC 2024) [paper]"
+KOLEO_CELLS = (("knn", "imagenet", "top1"), ("linear", "imagenet", "top1"), ("finetune", "imagenet", "top1"),
+               ("transfer", "average", "avg_transfer_koleo_paper"))
+
+
+@pytest.mark.parametrize(("name", "arch", "method", "knn", "linear", "finetune", "transfer"), KOLEO_TABLE)
+def test_koleo_paper_imagenet_table(rows, name, arch, method, knn, linear, finetune, transfer):
+    model = name + KOLEO_TAG
+    mine = [r for r in rows if r.model == model]
+    expected = dict(zip(KOLEO_CELLS, (knn, linear, finetune, transfer)))
+    assert {(r.task, r.dataset, r.metric) for r in mine} == {cell for cell, value in expected.items() if value is not None}
+    for (task, dataset, metric), value in expected.items():
+        if value is not None:
+            assert _value(rows, model, task, dataset, metric) == pytest.approx(value, abs=1e-9)
+    for r in mine:
+        assert (r.arch, r.method, r.protocol) == (arch, method, "paper")
+        assert "Partial Prototype Collapse" in r.params["source"] and "ImageNet-1K" in r.params["source"]
+        assert r.params["via"] == "shared/protocols.md section 11.1"
+
+
+def test_koleo_paper_rows_are_exactly_the_table(rows):
+    tagged = [r for r in rows if r.model.endswith(KOLEO_TAG)]
+    assert len(tagged) == sum(v is not None for entry in KOLEO_TABLE for v in entry[3:]) == 35
+
+
+def test_the_two_papers_transfer_averages_stay_separate_metrics(rows):
+    # DINO-vMF ViT-B/16: 83.5 over the nine datasets (DINO-vMF paper), 86.8 over the KoLeo-Proto paper's own set
+    assert _value(rows, "DINO-vMF ViT-B/16 [paper]", "transfer", "average", "score") == pytest.approx(83.5)
+    assert _value(rows, "DINO-vMF ViT-B/16" + KOLEO_TAG, "transfer", "average", "avg_transfer_koleo_paper") == 86.8
+    assert not [r for r in rows if r.metric == "score" and r.model.endswith(KOLEO_TAG)]
+    assert not [r for r in rows if r.metric == "avg_transfer_koleo_paper" and not r.model.endswith(KOLEO_TAG)]
