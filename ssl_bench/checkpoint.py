@@ -40,6 +40,8 @@ CHECKPOINT_KEYS = ("teacher", "student")
 STRIPPED_PREFIXES = ("module.", "backbone.", "encoder.")
 WRAPPER_KEYS = ("state_dict", "model", "module")
 OPTIONAL_KEY_SUFFIXES = ("num_batches_tracked",)
+# parts of a checkpoint that are not the backbone: pretraining / classifier heads, iBOT's mask token
+HEAD_KEY_PREFIXES = ("head.", "fc.", "masked_embed", "mask_token")
 SAFE_GLOBALS = (argparse.Namespace,)  # DINO / iBOT store their command-line args in the checkpoint
 
 
@@ -238,5 +240,10 @@ def load_backbone_weights(model: nn.Module, path: str | Path, key: str = "teache
             "Is this checkpoint for a different architecture (--model)?"
         )
     model.load_state_dict(loadable, strict=False)
-    log.info("loaded %s", report.summary())
+    unused = [k for k in report.unexpected if not k.startswith(HEAD_KEY_PREFIXES)]
+    if unused:  # tensors of another architecture (a deeper ViT ...) must not pass as a clean load
+        log.warning("loaded %s; %d tensors of the file are unused and are no head: %s (is --model the checkpoint's "
+                    "architecture?)", report.summary(), len(unused), _preview(unused))
+    else:
+        log.info("loaded %s", report.summary())
     return report
