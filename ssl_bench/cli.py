@@ -146,7 +146,7 @@ def run_evaluation(
     from .backbones import create_backbone
     from .context import TaskContext
     from .registry import get_task, parse_params
-    from .results import append_rows
+    from .results import check_results_path, save_rows
     from .runner import run_tasks
     from .runtime import init_distributed, resolve_device, seed_everything
 
@@ -156,6 +156,7 @@ def run_evaluation(
     selected = [get_task(name) for name in task_names]
     per_task = _parse_task_options(options, task_names)
     params = [(task, parse_params(task, per_task[task.name])) for task in selected]
+    check_results_path(results)  # a path that cannot take the rows fails now, not after the work
     torch_device = resolve_device(device)
     info = init_distributed(torch_device)
     seed_everything(seed)
@@ -168,7 +169,7 @@ def run_evaluation(
     )
     rows = run_tasks(params, ctx)
     if info.is_main:
-        append_rows(results, rows)
+        save_rows(results, rows)  # on failure: the rows go to a fallback file named in the error
         log.info("%d rows appended to %s", len(rows), results)
     return rows
 

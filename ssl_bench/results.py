@@ -5,7 +5,9 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import os
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -71,6 +73,9 @@ class ResultRow:
 
 COLUMNS: list[str] = [f.name for f in fields(ResultRow)]
 LEADERBOARD_FILE = "leaderboard.csv"
+UNSAVED_PREFIX = "ssl-bench-unsaved-rows-"
+
+log = logging.getLogger(__name__)
 
 
 def now_iso() -> str:
@@ -100,6 +105,96 @@ def append_rows(path: str | os.PathLike, rows: Sequence[ResultRow]) -> None:
             handle.write(buffer.getvalue())
             handle.flush()
             os.fsync(handle.fileno())
+
+
+def _existing_ancestor(path: Path) -> Path:
+    """The nearest ancestor of ``path`` that exists (the folder an append would create the rest under)."""
+    for parent in path.parents:
+        if parent.exists():
+            return parent
+    return Path(path.anchor or ".")
+
+
+def _can_create_in(folder: Path) -> str | None:
+    """None if a file can be created in ``folder`` (tried for real: permission bits lie to root and on read-only
+    mounts), else the reason."""
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".ssl-bench-probe-")
+    except OSError as error:
+        return error.strerror or type(error).__name__
+    os.close(fd)
+    os.unlink(probe)
+    return None
+
+
+def check_results_path(path: str | os.PathLike) -> Path:
+    """Fail before any work, with one line, where ``append_rows(path, ...)`` would fail after it: ``path`` a folder,
+    a file where a folder should be, a folder or file that cannot be written, or a CSV with other columns."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"results path {path} is a folder; expected a CSV file path (e.g. --results {path / 'runs.csv'})")
+    base = _existing_ancestor(path)
+    if not base.is_dir():
+        raise UserError(f"results path {path}: {base} is a file, not a folder; expected a CSV path in a folder")
+    lock = Path(f"{path}.lock")
+    if path.exists():
+        try:
+            with open(path, "a", encoding="utf-8"):
+                pass
+            with open(path, newline="", encoding="utf-8") as handle:
+                header = next(csv.reader(handle), [])
+        except OSError as error:
+            raise UserError(f"results file {path} cannot be appended to ({error.strerror or error}); "
+                            "expected a writable CSV file") from None
+        if header and header != COLUMNS:
+            raise UserError(f"results file {path} is a CSV with other columns ({', '.join(header[:4])}, ...); "
+                            "expected a result-row CSV or a new file")
+    if not (path.exists() and lock.exists()):  # the file or its lock is still to be created
+        reason = _can_create_in(base)
+        if reason:
+            raise UserError(f"results path {path}: cannot create files in {base} ({reason}); "
+                            "expected a writable folder (--results DIR/runs.csv)")
+    return path
+
+
+def format_rows(rows: Sequence[ResultRow]) -> str:
+    """One line per row (task, dataset, metric, value): what ``ssl-bench run`` prints."""
+    return "\n".join(f"{row.task:<10} {row.dataset:<12} {row.metric:<14} {row.value:8.2f}" for row in rows)
+
+
+def _write_fallback(rows: Sequence[ResultRow]) -> Path | None:
+    """The rows as a new result CSV in the working folder, else the temp folder; None if neither takes it."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=COLUMNS)
+    writer.writeheader()
+    for row in rows:
+        writer.writerow(row.to_csv_dict())
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for folder in (Path.cwd(), Path(tempfile.gettempdir())):
+        try:
+            fd, name = tempfile.mkstemp(dir=folder, prefix=f"{UNSAVED_PREFIX}{stamp}-", suffix=".csv")
+            with os.fdopen(fd, "w", newline="", encoding="utf-8") as handle:
+                handle.write(buffer.getvalue())
+                handle.flush()
+                os.fsync(handle.fileno())
+            return Path(name)
+        except OSError:
+            continue
+    return None
+
+
+def save_rows(path: str | os.PathLike, rows: Sequence[ResultRow]) -> None:
+    """``append_rows``, and where that fails, no row is lost: the rows are logged and written to a fallback CSV
+    whose path the one-line error names (append it to the results later)."""
+    try:
+        append_rows(path, rows)
+        return
+    except (OSError, UserError) as error:
+        reason = str(error) if isinstance(error, UserError) else f"{type(error).__name__}: {error.strerror or error}"
+    log.warning("%d rows not appended to %s:\n%s", len(rows), path, format_rows(rows))
+    fallback = _write_fallback(rows)
+    where = f"they were written to {fallback}" if fallback else "no fallback file could be written either (rows above)"
+    raise UserError(f"could not append {len(rows)} rows to {path} ({reason}); {where}")
 
 
 def read_rows(path: str | os.PathLike) -> list[ResultRow]:
