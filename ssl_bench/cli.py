@@ -141,6 +141,7 @@ def run_evaluation(
     seed: int = 0,
     data_root: str | None = None,
     decode: str = "auto",
+    skip_bad_images: bool = False,
 ) -> list:
     """Score one backbone on one dataset with one or more tasks and append the rows to ``results``."""
     from .backbones import create_backbone
@@ -161,6 +162,7 @@ def run_evaluation(
     info = init_distributed(torch_device)
     seed_everything(seed)
     dataset = _resolve_data(selected, data, data_name, data_root)
+    dataset.set_skip_bad_images(skip_bad_images)
     backbone = create_backbone(model, ckpt, ckpt_key, seed=seed)
     ctx = TaskContext(
         backbone=backbone, dataset=dataset, device=torch_device, batch_size=batch_size, workers=workers,
@@ -196,17 +198,21 @@ def run_evaluation(
                    "cpu = PIL in the loader workers; auto = device on CUDA.")
 @click.option("--cache-dir", default=None, help="Feature cache folder (default $SSL_BENCH_CACHE or ~/.cache/ssl-bench/features).")
 @click.option("--no-cache", is_flag=True, help="Always run the model; store nothing.")
+@click.option("--skip-bad-images", is_flag=True,
+              help="Leave unreadable images of --data out of feature extraction (counted, warned about and "
+                   "recorded in the rows' params) instead of stopping at the first one.")
 @click.option("--results", default=os.path.join(DEFAULT_RESULTS_DIR, DEFAULT_RESULTS_FILE), show_default=True)
 @click.option("--method", default="", help="Pretraining method recorded in rows (dino, dino-vmf, ...).")
 @click.option("--label", default=None, help="Model name in rows (default: checkpoint file name, or arch at random init).")
 @click.option("--seed", default=0, show_default=True)
 def run_cmd(tasks, model, ckpt, ckpt_key, data, data_root, data_name, options, split_files, device, batch_size, workers,
-            precision, decode, cache_dir, no_cache, results, method, label, seed) -> None:
+            precision, decode, cache_dir, no_cache, skip_bad_images, results, method, label, seed) -> None:
     """Score a backbone with one or more tasks; rows are appended to the results CSV."""
     if split_files:
         options = (*options, f"fewshot.split_file={','.join(split_files)}")
     rows = run_evaluation(tasks, model, data, ckpt, ckpt_key, data_name, options, device, batch_size, workers,
-                          precision, cache_dir, not no_cache, results, method, label, seed, data_root, decode)
+                          precision, cache_dir, not no_cache, results, method, label, seed, data_root, decode,
+                          skip_bad_images)
     for row in rows:
         click.echo(f"{row.task:<10} {row.dataset:<12} {row.metric:<14} {row.value:8.2f}")
 

@@ -50,6 +50,8 @@ class TaskContext:
         """A row with the model and dataset filled in; the runner adds time, versions and device."""
         if dataclasses.is_dataclass(params) and not isinstance(params, type):
             params = dataclasses.asdict(params)
+        skipped = self.dataset.skipped_images()  # unreadable images left out (--skip-bad-images): never silent
+        params = {**(params or {}), **({"skipped_images": skipped} if skipped else {})}
         return ResultRow(
             model=self.model_label or self.backbone.label, arch=self.backbone.arch, task=task,
             dataset=dataset or self.dataset.name, split=split, metric=metric, value=float(value), std=std, n=n,

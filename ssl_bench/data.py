@@ -12,6 +12,7 @@ Specs:
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,24 @@ from PIL import Image
 
 from .errors import UserError
 
+log = logging.getLogger(__name__)
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+SKIP_HINT = "remove or replace it, or run with --skip-bad-images to leave unreadable images out (counted and reported)"
+
+
+class UnreadableImageError(UserError):
+    """An image file that cannot be opened or decoded.
+
+    A DataLoader worker's exception reaches the main process re-created from one string that holds the worker's
+    whole traceback; that string is cut back to the original one-line message here, so the CLI still prints one
+    line whichever loader met the file."""
+
+    def __init__(self, text: str) -> None:
+        marker = f"{type(self).__name__}: "
+        if "Original Traceback" in text and marker in text:
+            text = text.rsplit(marker, 1)[1].strip()
+        super().__init__(text)
 
 
 class ImageSplit(torch.utils.data.Dataset):
@@ -31,9 +49,22 @@ class ImageSplit(torch.utils.data.Dataset):
 
     classes: list[str]
     labels: np.ndarray
+    # Opt-in (``Dataset.skip_bad_images``): feature extraction leaves unreadable images out instead of failing,
+    # and records here the names of those it left out, for the warning and the result rows.
+    skip_bad_images: bool = False
+    skipped_images: tuple[str, ...] = ()
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def describe(self, index: int) -> str:
+        """What messages and result rows call image ``index``."""
+        return f"{type(self).__name__} image {index} (in memory)"
+
+    def precheck(self) -> list[tuple[int, str]]:
+        """(index, reason) of images known to be unreadable without decoding anything (cheap, run before any
+        model work); decoding errors are found during extraction."""
+        return []
 
     def load_image(self, index: int) -> Image.Image:
         raise NotImplementedError
@@ -91,14 +122,30 @@ class FileSplit(ImageSplit):
         self.labels = np.asarray([label for _, label in samples], dtype=np.int64)
 
     def load_image(self, index: int) -> Image.Image:
-        with open(self.paths[index], "rb") as handle:
-            return Image.open(handle).convert("RGB")
+        path = str(self.paths[index])
+        try:
+            with Image.open(path) as image:
+                return image.convert("RGB")
+        except Exception as error:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError ...
+            detail = str(error).replace(f" {path!r}", "").replace(path, "the file")  # the path is named once
+            raise UnreadableImageError(f"cannot read image {path} ({type(error).__name__}: {detail})") from None
+
+    def describe(self, index: int) -> str:
+        return os.path.relpath(self.paths[index], self.root)
 
     def manifest_lines(self) -> list[str]:
+        self._sizes = [os.path.getsize(path) for path in self.paths]
         return [
-            f"{os.path.relpath(path, self.root)}\t{os.path.getsize(path)}\t{label}"
-            for path, label in zip(self.paths, self.labels.tolist())
+            f"{os.path.relpath(path, self.root)}\t{size}\t{label}"
+            for path, size, label in zip(self.paths, self._sizes, self.labels.tolist())
         ]
+
+    def precheck(self) -> list[tuple[int, str]]:
+        """Zero-byte files: their sizes are already known from the manifest, so the check costs nothing."""
+        sizes = getattr(self, "_sizes", None)
+        if sizes is None:
+            sizes = [os.path.getsize(path) for path in self.paths]
+        return [(i, "empty file (0 bytes)") for i, size in enumerate(sizes) if size == 0]
 
 
 @dataclass
@@ -118,6 +165,17 @@ class Dataset:
     @property
     def num_classes(self) -> int:
         return len(next(iter(self.splits.values())).classes)
+
+    def set_skip_bad_images(self, skip: bool = True) -> None:
+        """Let feature extraction on this dataset's splits leave unreadable images out (counted, warned about and
+        recorded in the rows) instead of stopping at the first one."""
+        for split in self.splits.values():
+            split.skip_bad_images = skip
+
+    def skipped_images(self, limit: int = 20) -> dict[str, dict]:
+        """Per split, how many images extraction left out and the first ``limit`` of their names."""
+        return {name: {"count": len(split.skipped_images), "files": list(split.skipped_images[:limit])}
+                for name, split in self.splits.items() if split.skipped_images}
 
 
 def _digits(seed: int = 0) -> Dataset:
@@ -178,7 +236,19 @@ def _scan_class_folder(split_root: Path) -> tuple[list[str], list[tuple[str, int
             for filename in sorted(filenames):
                 if filename.lower().endswith(IMAGE_EXTENSIONS):
                     samples.append((os.path.join(dirpath, filename), label))
+    _warn_empty_classes(split_root, classes, samples)
     return classes, samples
+
+
+def _warn_empty_classes(split_root: Path, classes: list[str], samples: list[tuple[str, int]]) -> None:
+    """A class folder without images still takes a label (the other split's labels must not shift): say so."""
+    counts = np.bincount([label for _, label in samples], minlength=len(classes))
+    empty = [classes[c] for c in np.flatnonzero(counts == 0)]
+    if empty and samples:
+        shown = ", ".join(str(split_root / name) for name in empty[:5]) + (" ..." if len(empty) > 5 else "")
+        log.warning("%d of %d class folders of %s hold no images (%s); each still counts as a class, so the "
+                    "dataset has %d classes, %d of them without images here", len(empty), len(classes), split_root,
+                    shown, len(classes), len(empty))
 
 
 def image_folder(root: str | os.PathLike, name: str | None = None, splits: tuple[str, ...] = ("train", "val")) -> Dataset:

@@ -6,8 +6,9 @@ Decoding policy:
     ``torchvision.io.decode_jpeg`` in RGB mode (grey and CMYK become RGB, as PIL's ``convert("RGB")`` does).
   - Everything else (PNG, BMP, TIFF, WebP ...) and any JPEG the batched decoder rejects is decoded on the CPU
     with PIL, exactly like ``FileSplit.load_image``, then moved to the device.
-  - A file neither decoder can read raises ``UserError`` naming its path. One unreadable image stops the run:
-    skipping it would silently change N and the feature cache's meaning.
+  - A file neither decoder can read raises ``UnreadableImageError`` (a ``UserError``) naming its path. One
+    unreadable image stops the run unless the caller collects failures (``device_eval_batches(failures=...)``,
+    which feature extraction uses when the dataset opts in to skipping them, counted and reported).
   - EXIF orientation is not applied, matching the PIL path of ``ssl_bench.data``.
   - On CUDA, four-component (CMYK/YCCK) JPEGs are decoded on the CPU: upstream tests skip them on nvjpeg.
 
@@ -29,7 +30,7 @@ from torchvision import transforms as T
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import InterpolationMode
 
-from .data import ImageSplit
+from .data import ImageSplit, UnreadableImageError
 from .errors import UserError
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, TransformSpec
 
@@ -94,7 +95,11 @@ class BytesDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
         if self.paths is not None:
-            data = read_bytes(self.paths[index])
+            try:
+                data = read_bytes(self.paths[index])
+            except OSError as error:
+                raise UnreadableImageError(f"cannot read image {self.paths[index]} "
+                                           f"({type(error).__name__}: {error})") from None
         else:
             buffer = io.BytesIO()
             self.split.load_image(index).save(buffer, format="PNG")
@@ -123,7 +128,7 @@ def _decode_pil(data: torch.Tensor, path: str, jpeg_error: str | None) -> torch.
     except Exception as error:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError ...
         said = f"decode_jpeg: {jpeg_error.splitlines()[-1]}; " if jpeg_error else ""
         kind = "JPEG (starts with FF D8 FF)" if is_jpeg(data) else f"image ({data.numel()} bytes, not a JPEG)"
-        raise UserError(
+        raise UnreadableImageError(
             f"cannot decode {path}: expected a readable {kind} ({said}PIL: {type(error).__name__}: {error})"
         ) from None
     return torch.from_numpy(np.array(rgb)).permute(2, 0, 1).contiguous()
@@ -140,11 +145,13 @@ def _decode_one_cpu(data: torch.Tensor, path: str) -> torch.Tensor:
 
 
 def decode_batch(byte_tensors: Sequence[torch.Tensor], paths: Sequence[str],
-                 device: torch.device | str = "cpu") -> list[torch.Tensor]:
+                 device: torch.device | str = "cpu", errors: dict[int, str] | None = None) -> list[torch.Tensor]:
     """Decode a batch to RGB uint8 [3, H, W] tensors on ``device``, in input order.
 
     JPEGs go through one batched ``decode_jpeg`` call on the device; if that call fails (one bad file fails the
-    whole call) each JPEG is retried alone, and what still fails falls back to the CPU path."""
+    whole call) each JPEG is retried alone, and what still fails falls back to the CPU path. A file no decoder
+    reads raises ``UnreadableImageError``; with ``errors`` given, its message is stored there under its batch
+    position instead and it is left out of the returned list."""
     if len(byte_tensors) != len(paths):
         raise ValueError(f"{len(byte_tensors)} byte tensors but {len(paths)} paths")
     device = torch.device(device)
@@ -166,8 +173,13 @@ def decode_batch(byte_tensors: Sequence[torch.Tensor], paths: Sequence[str],
                         pass
     for i, data in enumerate(byte_tensors):
         if out[i] is None:
-            out[i] = _decode_one_cpu(data, str(paths[i])).to(device, non_blocking=True)
-    return out  # type: ignore[return-value]
+            try:
+                out[i] = _decode_one_cpu(data, str(paths[i])).to(device, non_blocking=True)
+            except UnreadableImageError as error:
+                if errors is None:
+                    raise
+                errors[i] = str(error)
+    return [image for image in out if image is not None]
 
 
 def eval_batch(images: Sequence[torch.Tensor], size: int = 224, resize: int = 256,
@@ -230,11 +242,19 @@ def bytes_loader(split: ImageSplit, batch_size: int = 64, workers: int = 2,
 
 def device_eval_batches(split: ImageSplit, transform: TransformSpec, device: torch.device | str = "cpu",
                         batch_size: int = 64, workers: int = 2, indices: Sequence[int] | None = None,
+                        failures: list[tuple[int, str]] | None = None,
                         ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """(images float [B, 3, S, S] on ``device``, labels, split indices): the bytes loader, ``decode_batch`` and
-    ``eval_batch`` chained, a drop-in for iterating a DataLoader over ``split.with_transform(transform.build())``."""
+    ``eval_batch`` chained, a drop-in for iterating a DataLoader over ``split.with_transform(transform.build())``.
+    With ``failures`` given, undecodable images are appended there as (split index, message) and left out of
+    their batch (whose labels and indices then cover the decoded ones only); without it they raise."""
     params = eval_batch_params(transform)
     source = BytesDataset(split)
     for data, labels, index in bytes_loader(split, batch_size, workers, indices):
-        images = decode_batch(data, [source.path(i) for i in index.tolist()], device)
+        errors: dict[int, str] | None = {} if failures is not None else None
+        images = decode_batch(data, [source.path(i) for i in index.tolist()], device, errors)
+        if errors:
+            failures.extend((int(index[i]), message) for i, message in sorted(errors.items()))
+            keep = torch.tensor([i for i in range(len(data)) if i not in errors], dtype=torch.int64)
+            labels, index = labels[keep], index[keep]
         yield eval_batch(images, **params), labels, index
