@@ -72,6 +72,24 @@ def _preview(keys: list[str], limit: int = 6) -> str:
     return ", ".join(keys[:limit]) + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
 
 
+def non_finite_names(tensors: Mapping[str, torch.Tensor]) -> list[str]:
+    """The names of the floating-point tensors that hold a NaN or an inf, in the mapping's order.
+
+    One fused max-abs (inf-norm) reduction per (device, dtype) group and one host read per group, not one sync per
+    tensor: NaN propagates through the max (on CUDA too), and unlike an L2 norm a max cannot overflow on finite
+    values, so a large but finite weight is never reported."""
+    groups: dict[tuple[torch.device, torch.dtype], list[tuple[str, torch.Tensor]]] = {}
+    for name, tensor in tensors.items():
+        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and tensor.numel():
+            groups.setdefault((tensor.device, tensor.dtype), []).append((name, tensor))
+    bad: set[str] = set()
+    for members in groups.values():
+        norms = torch._foreach_norm([t.detach() for _, t in members], float("inf"))
+        finite = torch.isfinite(torch.stack(norms)).cpu()  # the group's one host sync
+        bad.update(name for (name, _), ok in zip(members, finite.tolist()) if not ok)
+    return [name for name in tensors if name in bad]
+
+
 def read_checkpoint(path: str | Path, mmap: bool = False) -> Any:
     """torch.load on the CPU; weights-only first, full unpickling only for files that need it.
 
@@ -238,6 +256,12 @@ def load_backbone_weights(model: nn.Module, path: str | Path, key: str = "teache
             f"{path} ({fmt}{f' [{used_key}]' if used_key else ''}) leaves {len(report.missing)} of {len(target)} "
             f"backbone tensors unloaded: {_preview(report.missing)}; checkpoint keys look like {_preview(list(raw))}. "
             "Is this checkpoint for a different architecture (--model)?"
+        )
+    bad = non_finite_names(loadable)
+    if bad:
+        raise UserError(
+            f"{path} ({fmt}{f' [{used_key}]' if used_key else ''}): {len(bad)} of {len(loadable)} backbone tensors "
+            f"are not finite (NaN or inf): {_preview(bad)}; a diverged run's weights cannot be scored"
         )
     model.load_state_dict(loadable, strict=False)
     unused = [k for k in report.unexpected if not k.startswith(HEAD_KEY_PREFIXES)]
