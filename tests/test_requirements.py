@@ -93,10 +93,12 @@ def _sources(folders: Iterable[str]) -> dict[str, str]:
 
 
 def _describe(missing: dict[str, list[str]], providers: Mapping[str, list[str]]) -> str:
-    return "; ".join(
-        f"{module} (distribution {', '.join(providers.get(module, ['not installed']))}) in {', '.join(files[:3])}"
-        for module, files in missing.items()
-    )
+    def what(module: str) -> str:
+        if module in PACKAGE_DIRS:  # the repo folder, importable only from a checkout's root
+            return f"the package folder {module}/: import it as ssl_bench.{module}"
+        return f"distribution {', '.join(providers.get(module, ['not installed']))}"
+
+    return "; ".join(f"{module} ({what(module)}) in {', '.join(files[:3])}" for module, files in missing.items())
 
 
 # --------------------------------------------------------------------------- the checker itself
