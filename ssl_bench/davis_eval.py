@@ -6,6 +6,7 @@ their one-pixel boundaries matched within a disk of radius ceil(0.008 x image di
 of frames above 0.5) and decay (first quarter minus last quarter). Global scores average over all objects of all
 sequences. Unlike the reference, a missing frame or an object id above the sequence's object count raises
 ``UserError`` instead of exiting with status 0, and existing CSVs are always recomputed, never reused.
+``DavisLayout.check_sequence`` lines frames and annotations up (from image headers only) before any model work.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from typing import Sequence
 import cv2
 import numpy as np
 from tqdm import tqdm
+
+from PIL import Image
 
 from .errors import UserError
 from .io import atomic_write_text
@@ -94,6 +97,61 @@ class DavisLayout:
         if not path.is_file():
             raise UserError(f"DAVIS first-frame annotation {path} does not exist")
         return path
+
+    def check_sequence(self, sequence: str) -> tuple[list[Path], Path]:
+        """The frames and the given mask of ``sequence``, once they are known to line up.
+
+        Numbered frames have no gap; every annotation has its frame; the first annotation is the first frame's (the
+        given mask, which the evaluator then leaves out); every frame has the first frame's size and every
+        annotation its frame's. Otherwise one ``UserError`` naming the sequence and the file. Reads image headers
+        only, so a whole split is checked in moments, before any model work."""
+        frames, annotations = self.frames(sequence), self.annotations(sequence)
+        where = f"DAVIS sequence {sequence}"
+        _check_numbering(where, frames)
+        by_stem = {path.stem: path for path in frames}
+        for path in annotations:
+            if path.stem not in by_stem:
+                raise UserError(f"{where}: annotation {path} has no frame ({self.frames_dir / sequence / path.stem}"
+                                f".jpg is missing); every annotated frame needs its image")
+        if annotations[0].stem != frames[0].stem:
+            raise UserError(f"{where}: the first frame {frames[0]} has no annotation (the first one is "
+                            f"{annotations[0].name}); the given mask must be the first frame's")
+        size = _image_size(frames[0])
+        for path in frames[1:]:
+            if _image_size(path) != size:
+                raise UserError(f"{where}: frame {path} is {_wxh(_image_size(path))}, the first frame "
+                                f"{frames[0].name} is {_wxh(size)}; every frame must have one size")
+        for path in annotations:
+            if _image_size(path) != size:
+                raise UserError(f"{where}: annotation {path} is {_wxh(_image_size(path))}, its frame "
+                                f"{by_stem[path.stem].name} is {_wxh(size)}; they must match")
+        return frames, annotations[0]
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    """(width, height) from the file's header, without decoding the pixels."""
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except Exception as error:  # PIL raises OSError, SyntaxError, ValueError ...
+        raise UserError(f"cannot read DAVIS image {path} ({type(error).__name__}: {error})") from None
+
+
+def _wxh(size: tuple[int, int]) -> str:
+    return f"{size[0]}x{size[1]}"
+
+
+def _check_numbering(where: str, frames: list[Path]) -> None:
+    """Frames named by their number (DAVIS: 00000.jpg ...) must run without a gap: a hole is a missing image."""
+    if not all(path.stem.isdigit() for path in frames):
+        return
+    numbers = sorted(int(path.stem) for path in frames)
+    missing = sorted(set(range(numbers[0], numbers[-1] + 1)) - set(numbers))
+    if missing:
+        width = len(frames[0].stem)
+        first = frames[0].parent / f"{missing[0]:0{width}d}.jpg"
+        raise UserError(f"{where}: frame {first} is missing ({len(missing)} of the numbers {frames[0].stem} to "
+                        f"{frames[-1].stem} have no image)")
 
 
 # --------------------------------------------------------------------------------------------- per-frame measures
@@ -245,7 +303,12 @@ def evaluate_sequence(layout: DavisLayout, results_dir: str | os.PathLike, seque
     first = np.where(first == VOID, 0, first)
     num_objects = int(first.max())
     evaluated = annotations[1:-1]
-    gt = np.stack([read_label_png(p) for p in evaluated])
+    masks = [read_label_png(p) for p in evaluated]
+    for path, mask in zip(evaluated, masks):
+        if mask.shape != first.shape:
+            raise UserError(f"DAVIS sequence {sequence}: annotation {path} is {mask.shape[1]}x{mask.shape[0]}, the "
+                            f"first one {annotations[0].name} is {first.shape[1]}x{first.shape[0]}; they must match")
+    gt = np.stack(masks)
     gt[gt == VOID] = 0
     result_folder = Path(results_dir) / sequence
     paths = [result_folder / p.name for p in evaluated]

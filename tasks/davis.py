@@ -393,7 +393,7 @@ def run(ctx: TaskContext, params: DavisParams) -> list[ResultRow]:
         raise UserError(f"{ctx.backbone.arch} is not a ViT; DAVIS propagation needs patch tokens")
     layout = DavisLayout(Path(root))
     sequences = layout.sequences(params.split)
-    videos = {seq: (layout.frames(seq), layout.first_annotation(seq)) for seq in sequences}  # fail before any work
+    videos = {seq: layout.check_sequence(seq) for seq in sequences}  # frames and masks lined up before any work
     out_dir = Path(params.out_dir) if params.out_dir else default_out_dir(ctx)
     precision = resolve_precision(ctx.precision, ctx.device)
     ctx.backbone.model.to(ctx.device).eval()
