@@ -212,6 +212,9 @@ def check_params(params: FinetuneParams) -> None:
 )
 def run(ctx: TaskContext, params: FinetuneParams) -> list[ResultRow]:
     dataset, backbone = ctx.dataset, ctx.backbone
+    if backbone.is_pixels:
+        raise UserError(f"finetune: {backbone.label} is the raw image, with no parameters to fine-tune; score it with "
+                        "knn, linear, fewshot or transfer")
     recipe = resolve_recipe(dataset, params.recipe)
     protocol = PROTOCOLS[recipe]
     train_split, eval_split = splits_for(dataset)
