@@ -48,7 +48,7 @@ def test_pixels_features_are_the_flattened_image_for_every_pooled_part(one_threa
 
 
 def test_retrieval_global_feature_of_pixels_is_the_unit_norm_tiny_image(one_thread):
-    from tasks.retrieval import image_feature
+    from ssl_bench.tasks.retrieval import image_feature
 
     backbone = create_backbone("pixels_8")
     image = torch.randn(1, 3, 20, 30)
