@@ -1,14 +1,21 @@
 """Linear probes on the nine small transfer datasets (protocols.md §5): L2 strength chosen by 5-fold stratified
-cross-validation over 45 values (DINO-vMF A.6.3, §5.5), or ssl-transfer's single hold-out split (§5.4)."""
+cross-validation over 45 values (DINO-vMF A.6.3, §5.5), or ssl-transfer's single hold-out split (§5.4).
+
+The CV protocol fits with ssl_bench.logreg (fast, converged fits). The hold-out protocol exists to reproduce
+ssl-transfer's code path, whose fits mostly stop at scikit-learn's 100-iteration cap, so where they stop depends on
+the solver: it runs scikit-learn's own lbfgs, one warm-started estimator along the grid, as ssl-transfer does."""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 
 import numpy as np
 import sklearn
 import torch
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold
 
 from ssl_bench.context import TaskContext
@@ -22,12 +29,24 @@ from ssl_bench.transfer_data import TRANSFER_DATASETS, find_transfer_datasets
 
 log = logging.getLogger(__name__)
 
-PROTOCOLS = {"cv5": "transfer-cv5-v1", "sslt-holdout": "transfer-sslt-holdout-v1"}
+# v2 of the hold-out: scikit-learn's lbfgs along the grid (v1 ran ssl_bench.logreg with sklearn's settings, which
+# stops elsewhere than sklearn where the 100-iteration cap cuts the fits short: other C, other test scores).
+PROTOCOLS = {"cv5": "transfer-cv5-v1", "sslt-holdout": "transfer-sslt-holdout-v2"}
+# ssl-transfer's LogisticRegression(solver="lbfgs", multi_class="multinomial", warm_start=True) with the defaults
+# max_iter=100, tol=1e-4, fit_intercept=True, L2 (§5.3); multinomial is scikit-learn's default for lbfgs now
+# with more than two classes (all nine datasets have more).
+SSLT_SOLVER = {"solver": "lbfgs", "warm_start": True, "max_iter": 100, "tol": 1e-4}
 
 
 def weight_decay_grid(count: int = 45) -> np.ndarray:
     """10^linspace(-6, 5, count) read as weight decay; the classifier's C is 1 / wd (§5.3, §12.3)."""
     return np.logspace(-6, 5, count)
+
+
+def sslt_weight_decays(count: int = 45) -> np.ndarray:
+    """ssl-transfer's grid exactly: ``torch.logspace(-6, 5, count)`` in float32, widened to float64 without change,
+    so C = 1 / wd carries the same float32 round-off (C = 9.99999985... for wd = 0.1) (§5.3)."""
+    return torch.logspace(-6, 5, count, dtype=torch.float32).double().numpy()
 
 
 def score(y_true: np.ndarray, y_pred: np.ndarray, metric: str) -> float:
@@ -60,6 +79,41 @@ def cross_validate(x: torch.Tensor, y: np.ndarray, num_classes: int, weight_deca
 
 
 @dataclass
+class HoldoutFit:
+    """What ssl-transfer's hold-out selection gives: the estimator after the trainval refit, and the path to it."""
+
+    classifier: LogisticRegression
+    best: int  # index of the selected weight decay
+    val_scores: list[float] = field(default_factory=list)  # per weight decay, in grid order
+    n_iter: list[int] = field(default_factory=list)  # lbfgs iterations per grid fit (max_iter = stopped at the cap)
+
+
+def sslt_holdout(train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray],
+                 trainval: tuple[np.ndarray, np.ndarray], weight_decays: np.ndarray, metric: str) -> HoldoutFit:
+    """ssl-transfer's ``LinearTester.validate`` + ``evaluate`` (§5.4): ONE scikit-learn estimator (``SSLT_SOLVER``)
+    is fitted on train for C = 1 / wd in the given (increasing wd) order, each fit warm-started from the previous
+    one, and scored on val; the first strictly greater score wins (ties keep the larger C); the same estimator,
+    still warm from the last grid fit, is refitted on trainval with the chosen C. Inputs are float64 arrays (the
+    float64 fits ssl-transfer's scikit-learn ran; newer ones would fit float32 input in float32)."""
+    classifier = LogisticRegression(**SSLT_SOLVER)
+    result = HoldoutFit(classifier, best=0)
+    best_score = 0.0  # ssl-transfer starts from 0 and needs a strictly greater score
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)  # ssl-transfer ignores them too: most fits hit the cap
+        for i, wd in enumerate(weight_decays):
+            classifier.set_params(C=1.0 / float(wd))
+            classifier.fit(*train)
+            value = score(val[1], classifier.predict(val[0]), metric)
+            result.val_scores.append(value)
+            result.n_iter.append(int(np.max(classifier.n_iter_)))
+            if value > best_score:
+                best_score, result.best = value, i
+        classifier.set_params(C=1.0 / float(weight_decays[result.best]))
+        classifier.fit(*trainval)
+    return result
+
+
+@dataclass
 class TransferParams:
     protocol: str = "cv5"  # cv5 (paper) | sslt-holdout (ssl-transfer's code path)
     folds: int = 5
@@ -76,6 +130,10 @@ def _features(ctx: TaskContext, dataset: Dataset, split: str, params: TransferPa
     return feats.tensor(ctx.device).double(), np.asarray(feats.labels)
 
 
+def _numpy(x: torch.Tensor) -> np.ndarray:
+    return x.detach().cpu().double().numpy()
+
+
 def evaluate_dataset(ctx: TaskContext, dataset: Dataset, params: TransferParams) -> tuple[float, dict]:
     """Test score (x100) with the selected C, and what was selected."""
     decays = weight_decay_grid(params.grid)
@@ -87,24 +145,24 @@ def evaluate_dataset(ctx: TaskContext, dataset: Dataset, params: TransferParams)
                                      dataset.name)
         best = int(np.argmax(mean_scores))  # first maximum: ties go to the smaller wd (larger C)
         model = fit_logistic(x, torch.from_numpy(y), num_classes, 1.0 / decays[best], max_iter=params.max_iter)
+
+        def predict(features: torch.Tensor) -> np.ndarray:
+            return model.predict(features).cpu().numpy()
         selection = {"cv_scores": [round(float(s), 5) for s in mean_scores]}
-    else:  # sslt: fit on train along decreasing C (warm start), pick on val, refit on trainval warm-started
+    else:  # sslt: scikit-learn along decreasing C (warm start), pick on val, refit on trainval warm-started
+        decays = sslt_weight_decays(params.grid)
         x_train, y_train = _features(ctx, dataset, "train", params)
         x_val, y_val = _features(ctx, dataset, "val", params)
-        # decreasing C in the given order, each fit warm-started from the previous one, sklearn's default budget
-        models = fit_path(x_train, torch.from_numpy(y_train), num_classes, 1.0 / decays, max_iter=100, tol=1e-4,
-                          sort=False)
-        val_scores = [score(y_val, m.predict(x_val).cpu().numpy(), metric) for m in models]
-        best = 0
-        for i, value in enumerate(val_scores):
-            if value > val_scores[best]:  # the first strictly greater score wins (§5.4)
-                best = i
         x, y = _features(ctx, dataset, "trainval", params)
-        model = fit_logistic(x, torch.from_numpy(y), num_classes, 1.0 / decays[best], max_iter=100, tol=1e-4,
-                             init=models[-1])
-        selection = {"val_scores": [round(float(s), 5) for s in val_scores]}
+        fit = sslt_holdout((_numpy(x_train), y_train), (_numpy(x_val), y_val), (_numpy(x), y), decays, metric)
+        best = fit.best
+
+        def predict(features: torch.Tensor) -> np.ndarray:
+            return fit.classifier.predict(_numpy(features))
+        selection = {"val_scores": [round(float(s), 5) for s in fit.val_scores], "n_iter": fit.n_iter,
+                     "fits_at_max_iter": sum(n >= SSLT_SOLVER["max_iter"] for n in fit.n_iter)}
     x_test, y_test = _features(ctx, dataset, "test", params)
-    value = 100.0 * score(y_test, model.predict(x_test).cpu().numpy(), metric)
+    value = 100.0 * score(y_test, predict(x_test), metric)
     return value, {"metric": metric, "best_wd": float(decays[best]), "best_C": float(1.0 / decays[best]),
                    "n_trainval": int(len(y)), **selection}
 
@@ -138,8 +196,14 @@ def run(ctx: TaskContext, params: TransferParams) -> list[ResultRow]:
     if not [k for k in wanted if k in found]:
         raise UserError(f"none of the transfer datasets found under {ctx.extra['data_root']}")
     protocol = PROTOCOLS[params.protocol]
-    base = {"protocol": params.protocol, "grid": "wd=10^linspace(-6,5,%d), C=1/wd" % params.grid,
-            "feature": params.feature, "transform": params.transform, "folds": params.folds, "seed": params.seed,
+    if params.protocol == "cv5":
+        setup = {"grid": "wd=10^linspace(-6,5,%d), C=1/wd" % params.grid, "folds": params.folds, "seed": params.seed,
+                 "solver": f"ssl_bench.logreg lbfgs, max_iter={params.max_iter}"}
+    else:
+        setup = {"grid": "wd=torch.logspace(-6,5,%d) float32, C=1/wd" % params.grid,
+                 "solver": "sklearn LogisticRegression lbfgs, one warm-started estimator along the grid, "
+                           "max_iter=100, tol=1e-4"}
+    base = {"protocol": params.protocol, **setup, "feature": params.feature, "transform": params.transform,
             "sklearn": sklearn.__version__}
     rows, values = [], {}
     for key in wanted:

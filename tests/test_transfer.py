@@ -77,7 +77,7 @@ def test_sslt_holdout_and_a_missing_dataset_gives_no_average(tmp_path):
     assert out.exit_code == 0, out.output
     rows = read_rows(results)
     assert sorted(r.dataset for r in rows) == ["dtd", "pets"]
-    assert all(r.protocol == "transfer-sslt-holdout-v1" and len(r.params["val_scores"]) == 6 for r in rows)
+    assert all(r.protocol == "transfer-sslt-holdout-v2" and len(r.params["val_scores"]) == 6 for r in rows)
     out = CliRunner().invoke(cli, ["run", "--task", "transfer", "--model", "vit_nano_patch4_32", "--data-root",
                                    str(root), "-p", "datasets=flowers", "--results", str(results)])
     assert out.exit_code != 0 and "flowers not found under" in out.output
