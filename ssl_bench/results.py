@@ -173,13 +173,16 @@ def _write_fallback(rows: Sequence[ResultRow]) -> Path | None:
     for folder in (Path.cwd(), Path(tempfile.gettempdir())):
         try:
             fd, name = tempfile.mkstemp(dir=folder, prefix=f"{UNSAVED_PREFIX}{stamp}-", suffix=".csv")
+        except OSError:
+            continue
+        try:
             with os.fdopen(fd, "w", newline="", encoding="utf-8") as handle:
                 handle.write(buffer.getvalue())
                 handle.flush()
                 os.fsync(handle.fileno())
             return Path(name)
-        except OSError:
-            continue
+        except OSError:  # a full disk: no half file left behind; try the next folder
+            os.unlink(name)
     return None
 
 
