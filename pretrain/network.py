@@ -39,7 +39,16 @@ class MultiCropNet(nn.Module):
         if masked_modeling:
             if not isinstance(backbone, VisionTransformer):
                 raise UserError(f"masked image modelling (iBOT) needs a ViT backbone; got {type(backbone).__name__}")
-            self.mask_token = nn.Parameter(torch.zeros(backbone.embed_dim))
+            # [1, D] as iBOT's masked_embed: the references' parameter grouping then weight-decays it (2-D).
+            self.mask_token = nn.Parameter(torch.zeros(1, backbone.embed_dim))
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:
+        """Checkpoints written before the mask token was [1, D] store it 1-D: reshape it (``state_dict`` is
+        the loader's own copy)."""
+        key = prefix + "mask_token"
+        if self.mask_token is not None and key in state_dict and state_dict[key].ndim == 1:
+            state_dict[key] = state_dict[key].reshape(self.mask_token.shape)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def embed(self, crops: list[Tensor]) -> Tensor:
         """CLS embeddings of all crops, crop-major ([n_crops * B, D]); equal-size neighbours share one pass."""

@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
+from ssl_bench.checkpoint import non_finite_names
 from ssl_bench.data import resolve_dataset
 from ssl_bench.decode import decode_batch
 from ssl_bench.errors import UserError
@@ -25,7 +26,9 @@ from ssl_bench.runtime import autocast, dist_info, hide_progress, init_distribut
 from ssl_bench.vmf import prototype_logits
 
 from .centering import make_centering
-from .checkpointing import BACKBONE_NAME, CHECKPOINT_NAME, export_teacher_backbone, load_checkpoint, save_checkpoint
+from .checkpointing import (BACKBONE_NAME, CHECKPOINT_NAME, check_finite, export_teacher_backbone,
+                            last_good_checkpoint, load_checkpoint, remove_stale_temporaries, save_checkpoint,
+                            state_tensors)
 from .config import PretrainConfig, save_config
 from .device_augment import DeviceMultiCrop
 from .dino_loss import dino_cross_entropy
@@ -67,10 +70,25 @@ def make_schedules(config: PretrainConfig, steps_per_epoch: int, world_size: int
     )
 
 
+# Tensors that ssl-bench stores in another shape than DINO / iBOT do, by name: their number of dimensions there.
+# The prototype norm g is [K] here and weight_norm's weight_g [K, 1] in the references.
+REFERENCE_NDIM: dict[str, int] = {"prototype_norm": 2}
+
+
+def is_weight_decayed(name: str, param: nn.Parameter) -> bool:
+    """DINO's and iBOT's ``get_params_groups`` rule: no decay for ``*.bias`` and one-dimensional tensors (norm
+    weights), decay for everything else (pos_embed and cls_token included), read on the references' shapes so that
+    the trainable prototype norm g is decayed as their weight-norm g is."""
+    ndim = REFERENCE_NDIM.get(name.rsplit(".", 1)[-1], param.ndim)
+    return not (name.endswith(".bias") or ndim == 1)
+
+
 def make_optimizer(student: nn.Module, device: torch.device) -> torch.optim.AdamW:
-    """AdamW; biases and norm parameters (1-D) are not weight-decayed. Fused kernels on CUDA."""
-    decay = [p for p in student.parameters() if p.requires_grad and p.ndim > 1]
-    no_decay = [p for p in student.parameters() if p.requires_grad and p.ndim <= 1]
+    """AdamW on [decayed, not decayed] (``is_weight_decayed``); ``train_step`` schedules the first group's weight
+    decay. Fused kernels on CUDA."""
+    trainable = [(name, p) for name, p in student.named_parameters() if p.requires_grad]
+    decay = [p for name, p in trainable if is_weight_decayed(name, p)]
+    no_decay = [p for name, p in trainable if not is_weight_decayed(name, p)]
     groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=0.0, fused=device.type == "cuda")
 
@@ -176,6 +194,27 @@ class Trainer:
             "torch_rng": torch.get_rng_state(),
         }
 
+    def data_record(self) -> dict[str, str]:
+        """What the run trains on, kept in its checkpoint: the spec as given and its train split's manifest hash
+        (relative path, size and label of every file), so that a resume on other data is refused."""
+        return {"spec": self.data, "train_manifest_sha256": self.dataset.split.manifest_sha256()}
+
+    def _check_resume_data(self, saved: dict | None) -> None:
+        """Refuse to resume on data other than the checkpoint's; a checkpoint older than the record only warns."""
+        if saved is None:
+            log.warning("%s predates the dataset record: cannot check that --data %s is the data it was trained on",
+                        self.checkpoint_path, self.data)
+            return
+        current = self.data_record()
+        if saved["train_manifest_sha256"] != current["train_manifest_sha256"]:
+            raise UserError(
+                f"{self.checkpoint_path} was trained on --data {saved['spec']} (train manifest "
+                f"{saved['train_manifest_sha256'][:12]}), not on --data {self.data} (train manifest "
+                f"{current['train_manifest_sha256'][:12]}); resume with the same data or choose another --out"
+            )
+        if saved["spec"] != self.data:
+            log.info("resuming with --data %s: the same files as the checkpoint's %s", self.data, saved["spec"])
+
     def resume(self) -> None:
         """Continue from ``checkpoint.pth``: weights, optimizer, centering, epoch; randomness is per step."""
         if not self.checkpoint_path.is_file():
@@ -190,6 +229,11 @@ class Trainer:
         if changed:
             raise UserError(f"{self.checkpoint_path} was trained with other settings ({', '.join(changed)}); "
                             f"resume changes only {', '.join(RESUMABLE_CHANGES)}")
+        self._check_resume_data(state["ssl_bench"].get("data"))
+        bad = non_finite_names(state_tensors(state))
+        if bad:  # written before saves were checked
+            raise UserError(f"{self.checkpoint_path} holds non-finite weights ({len(bad)} tensor(s): "
+                            f"{', '.join(bad[:4])}); it cannot be resumed: start again with another --out")
         self.student_module.load_state_dict(state["student"])
         self.teacher.load_state_dict(state["teacher"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -284,9 +328,8 @@ class Trainer:
         if len(bad):
             step = window[int(bad[0])][0]
             raise UserError(
-                f"non-finite loss ({float(losses[bad[0]])}) at epoch {epoch}, step {step}; stopped without saving. "
-                f"The last good checkpoint is {self.checkpoint_path}"
-                + ("" if self.checkpoint_path.is_file() else " (none written yet)")
+                f"non-finite loss ({float(losses[bad[0]])}) at epoch {epoch}, step {step}; stopped without saving, "
+                f"{last_good_checkpoint(self.checkpoint_path)}"
             )
         for key in window[0][1]:
             values = [metrics[key] for _, metrics in window]
@@ -337,12 +380,14 @@ class Trainer:
                 record["lr"] = float(self.schedules.lr[(epoch + 1) * self.steps_per_epoch - 1])
                 with open(self.out_dir / LOG_NAME, "a") as handle:
                     handle.write(json.dumps(record) + "\n")
-                save_checkpoint(self.checkpoint_path, config, self.state(epoch + 1))
+                save_checkpoint(self.checkpoint_path, config, self.state(epoch + 1), self.data_record())
                 log.info("epoch %d: loss %.4f, teacher entropy %.3f, unique prototypes %d", epoch,
                          record["loss"], record["teacher_entropy"], record[f"unique_protos@{config.unique_threshold}"])
                 collapse = collapse_warning(record["teacher_entropy"], record["kl_uniform"], config.out_dim)
                 if collapse:
                     log.warning("epoch %d: %s", epoch, collapse)
+            else:  # the same weights on every rank: all stop on a non-finite state, none waits at the barrier
+                check_finite(self.state(epoch + 1), self.checkpoint_path)
             if self.info.world_size > 1:
                 dist.barrier()
         if self.info.is_main:
@@ -353,12 +398,13 @@ class Trainer:
 def pretrain(config: PretrainConfig, data: str, out_dir: str | Path, resume: bool = False, device: str = "auto",
              stop_at_step: int | None = None) -> Path:
     """Train into ``out_dir`` (config.yaml, log.jsonl, checkpoint.pth, teacher_backbone.pth); returns the checkpoint."""
-    out_dir = Path(out_dir)
+    started, out_dir = time.time(), Path(out_dir)
     if not resume and (out_dir / CHECKPOINT_NAME).exists():
         raise UserError(f"{out_dir} already holds a run ({CHECKPOINT_NAME}); pass --resume to continue it or choose another --out")
     out_dir.mkdir(parents=True, exist_ok=True)
     trainer = Trainer(config, data, out_dir, device)
     if trainer.info.is_main:
+        remove_stale_temporaries(out_dir, (CHECKPOINT_NAME, BACKBONE_NAME, LOG_NAME, CONFIG_NAME), started)
         save_config(config, out_dir / CONFIG_NAME)
     if resume:
         trainer.resume()
