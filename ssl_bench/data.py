@@ -3,6 +3,7 @@
 Specs:
   builtin:digits      scikit-learn's 8x8 handwritten digits (ships with scikit-learn), stratified 75/25 split
   builtin:digits-lt   the same with a long-tailed train split (exponential, imbalance 100; val balanced)
+  builtin:shapes      generated 32 px images of ten shapes under nuisance factors (``ssl_bench.shapes``), 5000/1000
   imagefolder:PATH    ImageNet layout, PATH/train/<class>/*.JPEG and PATH/val/<class>/*.JPEG
   PATH                same as imagefolder:PATH
   KIND:PATH           a registered kind (``register_dataset_kind``), e.g. the nine transfer datasets
@@ -11,6 +12,7 @@ Specs:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -223,7 +225,18 @@ def _digits_lt(seed: int = 0) -> Dataset:
     return digits
 
 
-BUILTIN_DATASETS: dict[str, Callable[[], Dataset]] = {"digits": _digits, "digits-lt": _digits_lt}
+@functools.lru_cache(maxsize=2)
+def _shapes(seed: int = 0) -> Dataset:
+    """builtin:shapes (``ssl_bench.shapes``): 5,000 / 1,000 generated 32 px images of ten shapes under random
+    position, size, rotation, colour, background texture and clutter; made once per process."""
+    from .shapes import CLASSES, generate_shapes
+
+    splits = {split: ArraySplit(*generate_shapes(split, seed), list(CLASSES), f"shapes/{split}")
+              for split in ("train", "val")}
+    return Dataset(name="shapes", spec="builtin:shapes", splits=splits)
+
+
+BUILTIN_DATASETS: dict[str, Callable[[], Dataset]] = {"digits": _digits, "digits-lt": _digits_lt, "shapes": _shapes}
 
 IMAGEFOLDER_LAYOUT = "ROOT/train/<class>/<image> and ROOT/val/<class>/<image> (ImageNet layout, same class folders in both)"
 
