@@ -83,19 +83,6 @@ def is_weight_decayed(name: str, param: nn.Parameter) -> bool:
     return not (name.endswith(".bias") or ndim == 1)
 
 
-# Tensors that ssl-bench stores in another shape than DINO / iBOT do, by name: their number of dimensions there.
-# The prototype norm g is [K] here and weight_norm's weight_g [K, 1] in the references.
-REFERENCE_NDIM: dict[str, int] = {"prototype_norm": 2}
-
-
-def is_weight_decayed(name: str, param: nn.Parameter) -> bool:
-    """DINO's and iBOT's ``get_params_groups`` rule: no decay for ``*.bias`` and one-dimensional tensors (norm
-    weights), decay for everything else (pos_embed and cls_token included), read on the references' shapes so that
-    the trainable prototype norm g is decayed as their weight-norm g is."""
-    ndim = REFERENCE_NDIM.get(name.rsplit(".", 1)[-1], param.ndim)
-    return not (name.endswith(".bias") or ndim == 1)
-
-
 def make_optimizer(student: nn.Module, device: torch.device) -> torch.optim.AdamW:
     """AdamW on [decayed, not decayed] (``is_weight_decayed``); ``train_step`` schedules the first group's weight
     decay. Fused kernels on CUDA."""
