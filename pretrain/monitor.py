@@ -37,6 +37,23 @@ def collapse_warning(entropy: float, kl_uniform: float, n_prototypes: int, toler
     return None
 
 
+def mean_pairwise_cosine(features: Tensor) -> float:
+    """Mean cosine similarity over the pairs of distinct rows of ``features`` [N, D], N >= 2: near 1 when every
+    image gets the same representation (a collapsed backbone), whatever the head does."""
+    unit = torch.nn.functional.normalize(features.double(), dim=1)
+    total = unit.sum(dim=0)
+    n = unit.shape[0]
+    return float((total @ total - n) / (n * (n - 1)))
+
+
+def representation_warning(cosine: float, threshold: float = 0.99) -> str | None:
+    """A sentence when the backbone's features of the probe images are nearly all the same direction, else None."""
+    if cosine > threshold:
+        return (f"the teacher's [CLS] features of the probe images are nearly identical (mean pairwise cosine "
+                f"{cosine:.4f} > {threshold}): the representation has collapsed")
+    return None
+
+
 def norm_stats(norms: Tensor) -> dict[str, float]:
     """min, mean, max and the 5th / 50th / 95th percentiles of the prototype norms [K], as floats."""
     values = norms.detach().double().flatten()

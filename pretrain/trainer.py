@@ -8,7 +8,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -22,6 +22,7 @@ from ssl_bench.decode import decode_batch
 from ssl_bench.errors import UserError
 from ssl_bench.io import atomic_write_text
 from ssl_bench.prototypes import unique_prototypes
+from ssl_bench.transforms import TransformSpec
 from ssl_bench.runtime import autocast, dist_info, hide_progress, init_distributed, resolve_device, resolve_precision
 from ssl_bench.vmf import prototype_logits
 
@@ -34,7 +35,8 @@ from .device_augment import DeviceMultiCrop
 from .dino_loss import dino_cross_entropy
 from .ibot_loss import masked_patch_cross_entropy
 from .koleo import koleo_loss
-from .monitor import collapse_warning, kl_to_uniform, norm_stats, teacher_entropy
+from .monitor import (collapse_warning, kl_to_uniform, mean_pairwise_cosine, norm_stats, representation_warning,
+                      teacher_entropy)
 from .multicrop import MultiCropAugmentation, MultiCropDataset, collate_multicrop
 from .network import NetOutput, build_student_teacher
 from .schedules import cosine_schedule, teacher_temperature
@@ -42,6 +44,10 @@ from .schedules import cosine_schedule, teacher_temperature
 log = logging.getLogger(__name__)
 LOG_NAME = "log.jsonl"
 CONFIG_NAME = "config.yaml"
+PROBE_IMAGES = 256  # the first train images, centre-cropped: their teacher [CLS] cosine is logged every epoch
+# Called on the main process after each epoch with the teacher backbone (eval mode, no grad); what it returns joins
+# that epoch's log record (e.g. the demo's kNN accuracy).
+EpochHook = Callable[[nn.Module], dict[str, float]]
 RESUMABLE_CHANGES = ("epochs", "num_workers", "precision", "log_every", "compile")
 COMPILE_BACKEND = "inductor"  # torch.compile's default; the CPU test swaps in "aot_eager" (no C++ toolchain needed)
 
@@ -147,7 +153,8 @@ def _make_loader(config: PretrainConfig, data: str, world_size: int, rank: int, 
 class Trainer:
     """Owns the networks, optimizer, centering and schedules of one run in ``out_dir``."""
 
-    def __init__(self, config: PretrainConfig, data: str, out_dir: str | Path, device: str = "auto") -> None:
+    def __init__(self, config: PretrainConfig, data: str, out_dir: str | Path, device: str = "auto",
+                 epoch_hook: EpochHook | None = None) -> None:
         self.config, self.data, self.out_dir = config, data, Path(out_dir)
         self.device = resolve_device(device)
         self.info = init_distributed(self.device)
@@ -180,6 +187,8 @@ class Trainer:
         heads = [self.student_module.head, self.student_module.patch_head]
         self.last_layer = {id(p) for head in heads if head is not None for p in head.last_layer_parameters()}
         self.start_epoch = 0
+        self.epoch_hook = epoch_hook
+        self._probe: torch.Tensor | None = None
 
     @property
     def checkpoint_path(self) -> Path:
@@ -346,6 +355,27 @@ class Trainer:
         stats[f"unique_protos@{self.config.unique_threshold}"] = int(count)
         return stats
 
+    def probe_images(self) -> torch.Tensor:
+        """The first ``PROBE_IMAGES`` train images as the evaluation protocol sees them, on the device."""
+        if self._probe is None:
+            split, transform = self.dataset.split, TransformSpec("eval_dino", self.config.global_size).build()
+            images = [transform(split.load_image(i)) for i in range(min(PROBE_IMAGES, len(split)))]
+            self._probe = torch.stack(images).to(self.device)
+        return self._probe
+
+    @torch.no_grad()
+    def representation_stats(self) -> dict[str, float]:
+        """The teacher backbone's health on the probe images (mean pairwise [CLS] cosine) plus the epoch hook's
+        metrics."""
+        backbone = self.teacher.backbone
+        backbone.eval()
+        with autocast(self.device, self.precision):
+            features = backbone(self.probe_images()).float()
+        stats = {"cls_cosine": mean_pairwise_cosine(features)}
+        if self.epoch_hook is not None:
+            stats.update(self.epoch_hook(backbone))
+        return stats
+
     def _rewrite_log(self, upto_epoch: int) -> None:
         """Drop log lines of epochs that a resume will run again."""
         path = self.out_dir / LOG_NAME
@@ -376,16 +406,20 @@ class Trainer:
                     bar.set_postfix(loss=f"{self._drain(window, sums, epoch):.4f}")
             if self.info.is_main:
                 record = {"epoch": epoch, **{k: v / self.steps_per_epoch for k, v in sums.items()},
-                          **self.prototype_stats(), "epoch_s": round(time.time() - start, 2)}
+                          **self.prototype_stats(), **self.representation_stats(),
+                          "epoch_s": round(time.time() - start, 2)}
                 record["lr"] = float(self.schedules.lr[(epoch + 1) * self.steps_per_epoch - 1])
+                warnings = [w for w in (collapse_warning(record["teacher_entropy"], record["kl_uniform"], config.out_dim),
+                                        representation_warning(record["cls_cosine"])) if w]
+                record["collapse"] = "; ".join(warnings) or None
                 with open(self.out_dir / LOG_NAME, "a") as handle:
                     handle.write(json.dumps(record) + "\n")
                 save_checkpoint(self.checkpoint_path, config, self.state(epoch + 1), self.data_record())
-                log.info("epoch %d: loss %.4f, teacher entropy %.3f, unique prototypes %d", epoch,
-                         record["loss"], record["teacher_entropy"], record[f"unique_protos@{config.unique_threshold}"])
-                collapse = collapse_warning(record["teacher_entropy"], record["kl_uniform"], config.out_dim)
-                if collapse:
-                    log.warning("epoch %d: %s", epoch, collapse)
+                log.info("epoch %d: loss %.4f, teacher entropy %.3f, [CLS] cosine %.3f, unique prototypes %d", epoch,
+                         record["loss"], record["teacher_entropy"], record["cls_cosine"],
+                         record[f"unique_protos@{config.unique_threshold}"])
+                for warning in warnings:
+                    log.warning("epoch %d: %s", epoch, warning)
             else:  # the same weights on every rank: all stop on a non-finite state, none waits at the barrier
                 check_finite(self.state(epoch + 1), self.checkpoint_path)
             if self.info.world_size > 1:
@@ -396,13 +430,13 @@ class Trainer:
 
 
 def pretrain(config: PretrainConfig, data: str, out_dir: str | Path, resume: bool = False, device: str = "auto",
-             stop_at_step: int | None = None) -> Path:
+             stop_at_step: int | None = None, epoch_hook: EpochHook | None = None) -> Path:
     """Train into ``out_dir`` (config.yaml, log.jsonl, checkpoint.pth, teacher_backbone.pth); returns the checkpoint."""
     started, out_dir = time.time(), Path(out_dir)
     if not resume and (out_dir / CHECKPOINT_NAME).exists():
         raise UserError(f"{out_dir} already holds a run ({CHECKPOINT_NAME}); pass --resume to continue it or choose another --out")
     out_dir.mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(config, data, out_dir, device)
+    trainer = Trainer(config, data, out_dir, device, epoch_hook)
     if trainer.info.is_main:
         remove_stale_temporaries(out_dir, (CHECKPOINT_NAME, BACKBONE_NAME, LOG_NAME, CONFIG_NAME), started)
         save_config(config, out_dir / CONFIG_NAME)

@@ -55,3 +55,14 @@ def save_grouped_bars(path: Path, panels: Sequence[tuple[str, dict[str, Sequence
 
     most = max((len(series) for _, series in panels), default=1)
     return _save(path, max(1, len(panels)), draw, height=4.0 + 0.2 * most)
+
+
+def save_curves(path: Path, x: Sequence[float], curves: Sequence[tuple[str, Sequence[float]]], xlabel: str) -> Path:
+    """One panel per (title, values against x), side by side; nan points left out."""
+    def draw(axes: list) -> None:
+        for ax, (title, values) in zip(axes, curves):
+            ax.plot(x, values, marker="o")
+            ax.set(title=title, xlabel=xlabel)
+            ax.grid(alpha=0.3)
+
+    return _save(path, max(1, len(curves)), draw, width=4.4, height=3.6)

@@ -5,14 +5,16 @@ shape drawn under nuisance factors that say nothing about its class:
 
 - position and size: the shape's centre anywhere that keeps most of it inside, radius 22-40 % of the side;
 - rotation: uniform over the full turn;
-- colour: the shape's and the background's colours drawn independently (hue uniform), the shape's with a
-  linear shading across it;
-- background texture: a sum of three random low-frequency plane waves of random colour amplitude;
-- clutter: 2-4 small discs and line segments of random colours under the shape, 1-2 over it.
+- colour: the shape's and the background's hue and saturation drawn independently (hue uniform); the shape is
+  bright (HSV value 0.75-1) on a dark background (0.1-0.35), shaded linearly across the image;
+- background texture: a sum of three random low-frequency plane waves of random colour amplitude (<= 0.05);
+- clutter: 1-2 small discs and line segments of random colours under the shape, at most 1 over it.
 
-Raw pixels (and a random-init network) see mostly colour, texture and position, so they classify shapes near
-chance; a representation made invariant to crop position, scale and colour (what DINO's multi-crop
-augmentation teaches) separates the classes. Every image is a pure function of (seed, split, index): the
+Raw pixels and a random-init network see mostly colour and position: a cosine 20-NN on raw pixels scores 19.5 %
+and on a random-init ViT's [CLS] 15-16 % (chance 10 %); a representation made invariant to crop position, scale
+and colour (what multi-crop augmentation teaches) separates the classes. The polarity (bright shape, dark
+ground) keeps the classes learnable by small models: with both polarities and hues free, a supervised 4-block
+ViT stayed at chance for 4 epochs, with the polarity fixed it reaches 30 % in 3. Every image is a pure function of (seed, split, index): the
 dataset is the same on every machine, and its manifest (the feature-cache key) hashes the pixels.
 """
 
@@ -99,11 +101,11 @@ def _colour(rng: np.random.Generator, value: tuple[float, float]) -> np.ndarray:
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     """A random colour plus three low-frequency plane waves of random direction, frequency and colour amplitude."""
     y, x = np.mgrid[0:size, 0:size].astype(np.float32) / size
-    image = np.broadcast_to(_colour(rng, (0.2, 0.9)), (size, size, 3)).copy()
+    image = np.broadcast_to(_colour(rng, (0.1, 0.35)), (size, size, 3)).copy()
     for _ in range(3):
         theta, freq, phase = rng.uniform(0, 2 * np.pi), rng.uniform(0.5, 3.0), rng.uniform(0, 2 * np.pi)
         wave = np.sin(2 * np.pi * freq * (np.cos(theta) * x + np.sin(theta) * y) + phase)
-        image += wave[..., None] * rng.uniform(-0.15, 0.15, size=3).astype(np.float32)
+        image += wave[..., None] * rng.uniform(-0.05, 0.05, size=3).astype(np.float32)
     return image
 
 
@@ -148,9 +150,9 @@ def render_shape(label: int, rng: np.random.Generator, size: int = IMAGE_SIZE) -
     y, x = np.mgrid[0:size, 0:size].astype(np.float32) / size
     theta = rng.uniform(0, 2 * np.pi)
     shade = 1 + rng.uniform(0, 0.4) * ((np.cos(theta) * x + np.sin(theta) * y) - 0.5)
-    foreground = _colour(rng, (0.3, 1.0)) * shade[..., None]
-    under, under_alpha = _clutter(rng, size, 2, 4)
-    over, over_alpha = _clutter(rng, size, 1, 2)
+    foreground = _colour(rng, (0.75, 1.0)) * shade[..., None]
+    under, under_alpha = _clutter(rng, size, 1, 2)
+    over, over_alpha = _clutter(rng, size, 0, 1)
     image = background * (1 - under_alpha) + under
     image = image * (1 - mask) + foreground * mask
     image = image * (1 - over_alpha) + over

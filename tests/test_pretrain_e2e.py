@@ -43,7 +43,7 @@ def test_tiny_cpu_pretraining_raises_knn_above_random_init(tmp_path):
     assert (config["normalization"], config["centering"], config["epochs"]) == ("vmf", "probability", 10)
     assert [r["epoch"] for r in records] == list(range(10))
     for key in ("loss", "lr", "wd", "teacher_temp", "teacher_entropy", "kl_uniform", "proto_norm_mean",
-                "unique_protos@0.9"):
+                "unique_protos@0.9", "cls_cosine", "collapse"):
         assert all(key in r for r in records), key
     top1 = _knn_top1(runner, tmp_path, {
         "random": ["--model", "vit_nano_patch4_32"],

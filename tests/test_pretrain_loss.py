@@ -272,3 +272,16 @@ def test_monitor_statistics_by_hand():
     assert collapse_warning(5.66, 1.27, 1024) is None  # the same runs at epoch 5
     stats = norm_stats(torch.arange(101, dtype=torch.float32))  # 0, 1, ..., 100
     assert stats == {"min": 0.0, "mean": 50.0, "max": 100.0, "p5": 5.0, "p50": 50.0, "p95": 95.0}
+
+
+def test_mean_pairwise_cosine_and_its_warning():
+    from ssl_bench.pretrain.monitor import mean_pairwise_cosine, representation_warning
+
+    # pairs: (e1, e2) cos 0, (e1, e1+e2) and (e2, e1+e2) cos 1/sqrt(2): mean (0 + 2 / sqrt 2) / 3
+    rows = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    assert mean_pairwise_cosine(rows) == pytest.approx(2 / math.sqrt(2) / 3)
+    assert mean_pairwise_cosine(rows * torch.tensor([[2.0], [5.0], [0.1]])) == pytest.approx(2 / math.sqrt(2) / 3)
+    same = torch.tensor([[1.0, 2.0]] * 5)
+    assert mean_pairwise_cosine(same) == pytest.approx(1.0)
+    assert "nearly identical" in representation_warning(mean_pairwise_cosine(same))
+    assert representation_warning(0.964) is None  # a random-init nano ViT on digits
