@@ -267,6 +267,35 @@ def report_cmd(study: str, results_dir: str, dataset: str | None, unique_at: flo
     click.echo(f"\n{study} report: {csv_path} and {png_path}")
 
 
+DEMO_DATA = "builtin:digits"  # what the tiny preset is sized for; builtin:shapes awaits a CPU recipe that learns
+DEMO_PRESET = "tiny_cpu"
+
+
+def _knn_epoch_hook(data: str, size: int, device: str):
+    """The demo's per-epoch probe: weighted kNN top-1 (k = 20) of the teacher backbone's [CLS] on ``data``'s val
+    split, its train split as the memory bank; images are transformed once, the backbone runs each epoch."""
+    import torch
+
+    from ssl_bench.tasks.knn import knn_classify
+
+    from .data import resolve_dataset
+    from .runtime import resolve_device
+    from .transforms import TransformSpec
+
+    dataset, transform = resolve_dataset(data), TransformSpec("eval_dino", size).build()
+    torch_device = resolve_device(device)
+    splits = {name: (torch.stack([transform(dataset.split(name).load_image(i)) for i in range(len(dataset.split(name)))]),
+                     torch.as_tensor(dataset.split(name).labels)) for name in ("train", "val")}
+
+    def hook(backbone) -> dict[str, float]:
+        features = {name: torch.cat([backbone(batch.to(torch_device)).float().cpu() for batch in images.split(256)])
+                    for name, (images, _) in splits.items()}
+        accuracy = knn_classify(features["train"], splits["train"][1], features["val"], splits["val"][1], ks=(20,))
+        return {"knn_top1": accuracy[20][0]}
+
+    return hook
+
+
 @cli.command("demo")
 @click.option("--results-dir", default=DEFAULT_RESULTS_DIR, show_default=True)
 @click.option("--runs-dir", default="runs", show_default=True, help="Where the demo's pretraining run is kept.")
@@ -274,24 +303,31 @@ def report_cmd(study: str, results_dir: str, dataset: str | None, unique_at: flo
 @click.option("--device", default="auto", show_default=True)
 @click.option("--cache-dir", default=None, help="Feature cache folder.")
 def demo_cmd(results_dir: str, runs_dir: str, epochs: int | None, device: str, cache_dir: str | None) -> None:
-    """The main job on the built-in data: pretrain the tiny preset on builtin:digits, score it and the same
-    backbone at random init with kNN, and write the leaderboard. A finished or interrupted run is resumed."""
-    from .backbones import TINY_VIT
+    """The main job on the built-in data: pretrain the tiny DINO-vMF preset on builtin:digits (kNN logged every
+    epoch), score it, the same backbone at random init and raw pixels with kNN and a linear probe, print a verdict,
+    plot the training curves and write the leaderboard. A finished or interrupted run is resumed."""
     from ssl_bench.pretrain.config import make_config
-    from ssl_bench.pretrain.trainer import pretrain
+    from ssl_bench.pretrain.trainer import LOG_NAME, pretrain
 
-    config = make_config("tiny_cpu", {"epochs": str(epochs)} if epochs else {})
-    out_dir = Path(runs_dir) / f"demo-tiny_cpu-{config.epochs}ep"
-    checkpoint = pretrain(config, "builtin:digits", out_dir, resume=True, device=device)
+    from .demo import demo_verdict, read_log, save_demo_curves
+
+    config = make_config(DEMO_PRESET, {"epochs": str(epochs)} if epochs else {})
+    out_dir = Path(runs_dir) / f"demo-{DEMO_PRESET}-{config.epochs}ep"
+    hook = _knn_epoch_hook(DEMO_DATA, config.global_size, device)
+    checkpoint = pretrain(config, DEMO_DATA, out_dir, resume=True, device=device, epoch_hook=hook)
     results = os.path.join(results_dir, DEFAULT_RESULTS_FILE)
-    common = dict(device=device, workers=0, cache_dir=cache_dir, results=results)
-    rows = run_evaluation("knn", TINY_VIT, "builtin:digits", label=f"{TINY_VIT} (random init)", **common)
-    rows += run_evaluation("knn", None, "builtin:digits", ckpt=str(checkpoint), method=config.method,
-                           label=f"{TINY_VIT} {config.method} tiny_cpu {config.epochs}ep (demo)", **common)
-    for row in rows:
-        if row.metric in ("top1", "top5"):
-            click.echo(f"{row.model}: {row.task}/{row.dataset}/{row.metric} = {row.value:.2f}")
-    _print_leaderboard(results_dir, dataset="digits")
+    common = dict(device=device, workers=0, cache_dir=cache_dir, results=results, options=("linear.fast=true",))
+    pretrained = f"{config.arch} {config.method} {DEMO_PRESET} {config.epochs}ep (demo)"
+    rows = run_evaluation("knn,linear", None, DEMO_DATA, ckpt=str(checkpoint), method=config.method,
+                          label=pretrained, **common)
+    rows += run_evaluation("knn,linear", config.arch, DEMO_DATA, label=f"{config.arch} (random init, seed 0)", **common)
+    rows += run_evaluation("knn,linear", "pixels", DEMO_DATA, **common)
+    _print_leaderboard(results_dir, dataset=rows[0].dataset)
+    records = read_log(out_dir / LOG_NAME)
+    plot = save_demo_curves(Path(results_dir) / "demo_training.png", records)
+    click.echo(f"training curves: {plot}")
+    for line in demo_verdict(rows, records, pretrained, config.method):
+        click.echo(line)
 
 
 @cli.command("pretrain", context_settings={"ignore_unknown_options": False})
