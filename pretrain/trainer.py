@@ -22,8 +22,8 @@ from ssl_bench.decode import decode_batch
 from ssl_bench.errors import UserError
 from ssl_bench.io import atomic_write_text
 from ssl_bench.prototypes import unique_prototypes
-from ssl_bench.transforms import TransformSpec
 from ssl_bench.runtime import autocast, dist_info, hide_progress, init_distributed, resolve_device, resolve_precision
+from ssl_bench.transforms import TransformSpec
 from ssl_bench.vmf import prototype_logits
 
 from .centering import make_centering
