@@ -245,7 +245,12 @@ class Trainer:
                             f"{', '.join(bad[:4])}); it cannot be resumed: start again with another --out")
         self.student_module.load_state_dict(state["student"])
         self.teacher.load_state_dict(state["teacher"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except ValueError as error:  # e.g. saved before the weight-decay groups followed DINO's rule
+            raise UserError(f"{self.checkpoint_path}: its optimizer state does not fit this version's parameter "
+                            f"groups ({error}); its weights still load with `ssl-bench run --ckpt`, but the run "
+                            "cannot be resumed: start again with another --out") from None
         self.centering.load_state_dict(state["centering"])
         if self.patch_centering is not None:
             self.patch_centering.load_state_dict(state["patch_centering"])

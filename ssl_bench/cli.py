@@ -320,7 +320,7 @@ def demo_cmd(results_dir: str, runs_dir: str, epochs: int | None, device: str, c
     pretrained = f"{config.arch} {config.method} {DEMO_PRESET} {config.epochs}ep (demo)"
     rows = run_evaluation("knn,linear", None, DEMO_DATA, ckpt=str(checkpoint), method=config.method,
                           label=pretrained, **common)
-    rows += run_evaluation("knn,linear", config.arch, DEMO_DATA, label=f"{config.arch} (random init, seed 0)", **common)
+    rows += run_evaluation("knn,linear", config.arch, DEMO_DATA, **common)  # labelled "(random init, seed 0)"
     rows += run_evaluation("knn,linear", "pixels", DEMO_DATA, **common)
     _print_leaderboard(results_dir, dataset=rows[0].dataset)
     records = read_log(out_dir / LOG_NAME)

@@ -115,6 +115,19 @@ def test_resume_refuses_a_non_finite_checkpoint_written_before_the_check(tmp_pat
         pretrain(make_config("tiny_cpu", {**SMALL, "epochs": "2"}), data, out, resume=True, device="cpu")
 
 
+def test_resume_of_optimizer_state_with_other_groups_is_refused_in_one_line(tmp_path, data, good_run):
+    """A checkpoint saved before the decay groups followed DINO's rule has groups of other sizes."""
+    out = tmp_path / "run"
+    shutil.copytree(good_run[0], out)
+    state = read_checkpoint(out / "checkpoint.pth")
+    groups = state["optimizer"]["param_groups"]
+    groups[1]["params"].append(groups[0]["params"].pop())  # one tensor moved from the decayed group
+    torch.save(state, out / "checkpoint.pth")
+    with pytest.raises(UserError, match=r"optimizer state does not fit this version's parameter groups .*cannot be "
+                                        r"resumed"):
+        pretrain(make_config("tiny_cpu", {**SMALL, "epochs": "2"}), data, out, resume=True, device="cpu")
+
+
 def test_resume_on_other_data_is_refused_naming_both(tmp_path, data, good_run):
     other = str(make_imagefolder(tmp_path / "other", classes=(2, 3, 4, 5), train_per_class=12))
     out = tmp_path / "run"
