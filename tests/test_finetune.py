@@ -341,7 +341,7 @@ def test_finetune_through_the_cli_with_an_lr_sweep(tmp_path):
     assert row.params["lrs_base"] == [8e-4, 1e-3] and set(row.params["score_by_lr_base"]) == {"0.0008", "0.001"}
     assert row.params["recipe"] == "imagenet" and row.params["total_batch"] == 8 and row.params["epochs"] == 1
     folders = sorted(p.name for p in (tmp_path / "results" / "finetune").iterdir())
-    assert folders == ["vit_nano_patch4_32_random_init_tiny_imagenet_lr0.0008",
-                       "vit_nano_patch4_32_random_init_tiny_imagenet_lr0.001"]
+    assert folders == ["vit_nano_patch4_32_random_init_seed_0_tiny_imagenet_lr0.0008",
+                       "vit_nano_patch4_32_random_init_seed_0_tiny_imagenet_lr0.001"]
     params = parse_params(get_task("finetune"), {"lr": "8e-4,9e-4", "epochs": "none", "resume": "false"})
     assert params.lr == (8e-4, 9e-4) and params.epochs is None and params.resume is False
