@@ -373,12 +373,16 @@ class Trainer:
         """The teacher backbone's health on the probe images (mean pairwise [CLS] cosine) plus the epoch hook's
         metrics."""
         backbone = self.teacher.backbone
+        training = backbone.training  # the teacher's forward in training keeps its mode (BatchNorm backbones)
         backbone.eval()
-        with autocast(self.device, self.precision):
-            features = backbone(self.probe_images()).float()
-        stats = {"cls_cosine": mean_pairwise_cosine(features)}
-        if self.epoch_hook is not None:
-            stats.update(self.epoch_hook(backbone))
+        try:
+            with autocast(self.device, self.precision):
+                features = backbone(self.probe_images()).float()
+            stats = {"cls_cosine": mean_pairwise_cosine(features)}
+            if self.epoch_hook is not None:
+                stats.update(self.epoch_hook(backbone))
+        finally:
+            backbone.train(training)
         return stats
 
     def _rewrite_log(self, upto_epoch: int) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -156,3 +157,23 @@ def test_gradients_are_clipped_per_tensor_as_dino_does():
     # 5 -> 2 on its own (a global-norm clip would have scaled both by 2 / sqrt(26)); 1 stays; no grad stays None
     torch.testing.assert_close(big.grad, torch.tensor([1.2, 1.6]), rtol=0, atol=1e-6)
     assert torch.equal(small.grad, torch.tensor([0.6, 0.8])) and untouched.grad is None
+
+
+def test_epoch_records_hold_the_probe_cosine_and_the_hook_metrics_and_the_teacher_keeps_its_mode(tmp_path, data):
+    seen = []
+
+    def hook(backbone) -> dict[str, float]:
+        seen.append(backbone.training)
+        return {"probe_metric": 42.0}
+
+    trainer = trainer_module.Trainer(make_config("tiny_cpu", {**SMALL, "epochs": "1"}), data, tmp_path / "run",
+                                     device="cpu", epoch_hook=hook)
+    trainer.teacher.backbone.train()  # as built (BatchNorm backbones use batch statistics in the teacher's forward)
+    stats = trainer.representation_stats()
+    assert seen == [False] and trainer.teacher.backbone.training
+    assert stats["probe_metric"] == 42.0 and -1.0 <= stats["cls_cosine"] <= 1.0
+    assert trainer.probe_images().shape == (36, 3, 32, 32)  # the 36 train images (fewer than PROBE_IMAGES)
+    (tmp_path / "run").mkdir()
+    trainer.fit()
+    record = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[0])
+    assert record["probe_metric"] == 42.0 and "cls_cosine" in record and "collapse" in record
