@@ -284,8 +284,11 @@ def _knn_epoch_hook(data: str, size: int, device: str):
 
     dataset, transform = resolve_dataset(data), TransformSpec("eval_dino", size).build()
     torch_device = resolve_device(device)
-    splits = {name: (torch.stack([transform(dataset.split(name).load_image(i)) for i in range(len(dataset.split(name)))]),
-                     torch.as_tensor(dataset.split(name).labels)) for name in ("train", "val")}
+
+    def stacked(split) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.stack([transform(split.load_image(i)) for i in range(len(split))]), torch.as_tensor(split.labels)
+
+    splits = {name: stacked(dataset.split(name)) for name in ("train", "val")}
 
     def hook(backbone) -> dict[str, float]:
         features = {name: torch.cat([backbone(batch.to(torch_device)).float().cpu() for batch in images.split(256)])
