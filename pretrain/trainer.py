@@ -17,7 +17,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ssl_bench.checkpoint import non_finite_names
-from ssl_bench.data import resolve_dataset
+from ssl_bench.data import resolve_dataset, stack_images
 from ssl_bench.decode import decode_batch
 from ssl_bench.errors import UserError
 from ssl_bench.io import atomic_write_text
@@ -363,9 +363,8 @@ class Trainer:
     def probe_images(self) -> torch.Tensor:
         """The first ``PROBE_IMAGES`` train images as the evaluation protocol sees them, on the device."""
         if self._probe is None:
-            split, transform = self.dataset.split, TransformSpec("eval_dino", self.config.global_size).build()
-            images = [transform(split.load_image(i)) for i in range(min(PROBE_IMAGES, len(split)))]
-            self._probe = torch.stack(images).to(self.device)
+            transform = TransformSpec("eval_dino", self.config.global_size).build()
+            self._probe = stack_images(self.dataset.split, transform, PROBE_IMAGES).to(self.device)
         return self._probe
 
     @torch.no_grad()

@@ -278,17 +278,14 @@ def _knn_epoch_hook(data: str, size: int, device: str):
 
     from ssl_bench.tasks.knn import knn_classify
 
-    from .data import resolve_dataset
+    from .data import resolve_dataset, stack_images
     from .runtime import resolve_device
     from .transforms import TransformSpec
 
     dataset, transform = resolve_dataset(data), TransformSpec("eval_dino", size).build()
     torch_device = resolve_device(device)
-
-    def stacked(split) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.stack([transform(split.load_image(i)) for i in range(len(split))]), torch.as_tensor(split.labels)
-
-    splits = {name: stacked(dataset.split(name)) for name in ("train", "val")}
+    splits = {name: (stack_images(dataset.split(name), transform), torch.as_tensor(dataset.split(name).labels))
+              for name in ("train", "val")}
 
     def hook(backbone) -> dict[str, float]:
         features = {name: torch.cat([backbone(batch.to(torch_device)).float().cpu() for batch in images.split(256)])

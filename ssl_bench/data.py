@@ -88,6 +88,13 @@ class ImageSplit(torch.utils.data.Dataset):
         return TransformedSplit(self, transform)
 
 
+def stack_images(split: ImageSplit, transform: Callable, count: int | None = None) -> torch.Tensor:
+    """The first ``count`` images of ``split`` (all by default) through ``transform``, as one [N, C, H, W] tensor:
+    for small in-memory probes (the pretraining monitor, the demo's kNN), not for extraction."""
+    n = len(split) if count is None else min(count, len(split))
+    return torch.stack([transform(split.load_image(i)) for i in range(n)])
+
+
 class TransformedSplit(torch.utils.data.Dataset):
     """(image tensor, label, index) triples for a DataLoader."""
 
